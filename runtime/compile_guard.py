@@ -1,0 +1,84 @@
+"""Compile guard: proves that nothing compiles after warm-up.
+
+Discipline (after vLLM's TPU runner): every shape a service runs is one of its
+buckets; warm-up runs each bucket once; then `mark_warm()`. From there on every
+step ends with `check(what)`. A new XLA compilation at that point means some
+shape or graph escaped the buckets: a data-dependent slice, boolean-mask
+indexing, a `.item()` inside the step. In strict mode (tests) it raises
+`RecompilationError`; otherwise it is logged with `what` and counted in
+`compilations_after_warmup`, which the services export as a metric.
+
+To find the culprit, run with `PT_XLA_DEBUG_LEVEL=2`: torch_xla then prints a
+"Compilation Analysis" naming the Python frame that forced the graph.
+
+The counter behind it is torch_xla's process-wide `CompileTime` metric, so one
+guard sees every compilation in its process. Eager devices never compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from runtime.device import Device
+
+log = logging.getLogger(__name__)
+
+
+class RecompilationError(RuntimeError):
+    """An XLA compilation happened after warm-up (strict mode only)."""
+
+
+def xla_compilation_count() -> int:
+    """Number of XLA graph compilations so far in this process."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+class CompileGuard:
+    def __init__(self, device: Device, *, strict: bool, name: str,
+                 counter: Callable[[], int] | None = None) -> None:
+        self.name = name
+        self.strict = strict
+        if counter is None:
+            counter = xla_compilation_count if device.is_xla else (lambda: 0)
+        self._count = counter
+        self._baseline: int | None = None
+        self._warmup_start = 0
+        self.warmup_compilations = 0
+        self.compilations_after_warmup = 0
+
+    @property
+    def is_warm(self) -> bool:
+        return self._baseline is not None
+
+    def compilations(self) -> int:
+        return self._count()
+
+    def start_warmup(self) -> None:
+        """Marks where warm-up begins, so `warmup_compilations` counts only its graphs."""
+        self._warmup_start = self._count()
+
+    def mark_warm(self) -> None:
+        """Ends warm-up: from now on a new compilation is a recompilation."""
+        now = self._count()
+        self.warmup_compilations = now - self._warmup_start
+        self._baseline = now
+
+    def check(self, what: str) -> None:
+        """Call after a step has run (after device sync). No-op before warm-up."""
+        if self._baseline is None:
+            return
+        now = self._count()
+        new = now - self._baseline
+        if new <= 0:
+            return
+        self._baseline = now
+        self.compilations_after_warmup += new
+        message = (f"{self.name}: {new} XLA compilation(s) after warm-up at {what}; "
+                   "a shape escaped the buckets (run with PT_XLA_DEBUG_LEVEL=2 to see where)")
+        if self.strict:
+            raise RecompilationError(message)
+        log.warning(message)

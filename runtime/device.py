@@ -1,0 +1,64 @@
+"""Device selection: `xla` (default), `cpu` or `cuda`, behind one small handle.
+
+`xla` means torch_xla through PJRT: TPU chips when the host has them, otherwise
+the CPU backend (`PJRT_DEVICE=CPU`), which runs the same lazy-tensor/compile path
+as a TPU and is how the test suite runs. `cpu` and `cuda` run the same model code
+eagerly. PJRT reads `PJRT_DEVICE` once, when torch_xla starts, so `open_device`
+must run before anything else touches torch_xla in the process.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import torch
+
+DEVICE_KINDS = ("xla", "cpu", "cuda")
+
+
+def detect_pjrt_device() -> str:
+    """PJRT backend for this host: TPU when TPU chips are visible, else CPU."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "TPU"
+    return "CPU"
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str
+    torch_device: torch.device
+
+    @property
+    def is_xla(self) -> bool:
+        return self.kind == "xla"
+
+    def sync(self) -> None:
+        """Cuts the lazy graph and runs it (xla); waits for queued kernels (cuda)."""
+        if self.kind == "xla":
+            import torch_xla
+
+            torch_xla.sync()
+        elif self.kind == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+
+    def describe(self) -> str:
+        if self.kind == "xla":
+            return f"xla ({os.environ.get('PJRT_DEVICE', '?')} through PJRT)"
+        return self.kind
+
+
+def open_device(kind: str = "xla") -> Device:
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"device must be one of {', '.join(DEVICE_KINDS)}; got {kind!r}")
+    if kind == "cpu":
+        return Device("cpu", torch.device("cpu"))
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+        return Device("cuda", torch.device("cuda"))
+    os.environ.setdefault("PJRT_DEVICE", detect_pjrt_device())
+    import torch_xla
+
+    return Device("xla", torch_xla.device())

@@ -1,0 +1,58 @@
+"""Suite-wide setup: the XLA path runs on the CPU through PJRT, and nothing reaches a model hub."""
+
+import os
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.support import free_port, wait_http_ok  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The demo checkpoint every test shares, written once through the CLI."""
+    from deploy.cli import main
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    assert main(["demo-checkpoint", str(directory), "--size", "tiny", "--seed", "0"]) == 0
+    return directory
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photographs of different sizes and content, as PIL images."""
+    from PIL import Image
+    from skimage import data
+
+    return [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()),
+            Image.fromarray(data.chelsea()), Image.fromarray(data.rocket())]
+
+
+@pytest.fixture(scope="session")
+def transformers_server(tiny_checkpoint, tmp_path_factory):
+    """`transformers serve CHECKPOINT --device cpu`: the reference peer, on a free port."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    (hf_home / "hub").mkdir()
+    log_path = tmp_path_factory.mktemp("logs") / "transformers-serve.log"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    cli = Path(sys.executable).parent / "transformers"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(cli), "serve", str(tiny_checkpoint), "--device", "cpu", "--host", "127.0.0.1",
+             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=180, process=process)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
