@@ -61,3 +61,12 @@ class EmbeddingRef:
 
     meta: EmbeddingMeta
     object_ref: Any  # ray.ObjectRef; typed loosely so this module does not import ray
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One image item failed (undecodable, too large, ...); its neighbours did not."""
+
+    index: int  # position of the item in the request
+    message: str  # names the item and what is wrong with it, for the client
+    retryable: bool = False

@@ -56,3 +56,20 @@ def transformers_server(tiny_checkpoint, tmp_path_factory):
         process.terminate()
         process.wait(timeout=30)
 
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One local Ray + Serve for the whole session (start-up costs ~15 s). Tests deploy apps
+    under their own names and delete them when done."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PJRT_DEVICE": "CPU", "HF_HUB_OFFLINE": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
