@@ -1,0 +1,125 @@
+"""Cross-request batching: items from concurrent callers, gathered for one worker thread.
+
+Threads and queues:
+- `submit(item)` may be called from any thread or event loop; it puts `(item, future)` on
+  a `queue.SimpleQueue` and returns a `concurrent.futures.Future` for the item's result.
+- One worker thread (named `<name>-batcher`) is the only caller of `run_batch`. It waits for
+  a first item, then keeps gathering until `max_items` are in hand or `wait_s` has passed
+  since that first item, and runs them as one batch. Items that do not fit stay queued for
+  the next batch, so a burst larger than `max_items` becomes several full batches.
+- `close()` stops the worker after its current batch; items still queued fail.
+
+`run_batch(items) -> results` gets at most `max_items` items and returns one result per item,
+in order. If it raises, every item of that batch fails with the error; later batches go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed before the item ran."""
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], *, max_items: int,
+                 wait_s: float, name: str = "encoder") -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        self._run_batch = run_batch
+        self.max_items = max_items
+        self.wait_s = wait_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()  # nothing is queued after the stop marker
+        self.batches = 0  # batches run, and the items in them
+        self.items = 0
+        self._thread = threading.Thread(target=self._work, name=f"{name}-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def submit(self, item: Any) -> Future:
+        future: Future = Future()
+        with self._close_lock:
+            if not self._closed:
+                self._queue.put((item, future))
+                return future
+        future.set_exception(BatcherClosed("the encoder batcher is closed"))
+        return future
+
+    def close(self, timeout_s: float | None = 10.0) -> None:
+        """Stops the worker after its current batch (waits up to `timeout_s` for it)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
+        """The batch that starts with `first`, and whether a stop came while gathering."""
+        batch = [first]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.max_items:
+            timeout_s = deadline - time.monotonic()
+            try:
+                entry = self._queue.get(timeout=timeout_s) if timeout_s > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is _STOP:
+                return batch, True
+            batch.append(entry)
+        return batch, False
+
+    def _work(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stopping = self._gather(first)
+            # A waiter that was cancelled while queued gives up its row.
+            batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+        self._fail_queued()
+
+    def _run(self, batch: list[tuple]) -> None:
+        try:
+            results = self._run_batch([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except Exception as error:  # the whole batch failed (device error): fail its items only
+            log.exception("encoder batch of %d items failed", len(batch))
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        self.batches += 1
+        self.items += len(batch)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not _STOP and entry[1].set_running_or_notify_cancel():
+                entry[1].set_exception(BatcherClosed("the encoder batcher closed before this item ran"))

@@ -1,0 +1,44 @@
+"""The encoder service's settings: one frozen dataclass, validated and derived on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.buckets import power_of_two_buckets
+from runtime.device import DEVICE_KINDS
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str  # checkpoint directory or hub id; becomes the embeddings' model_id
+    device: str = "xla"
+    max_batch_items: int = 8  # largest item-batch bucket; buckets are 1, 2, 4, ... up to it
+    batch_wait_s: float = 0.005  # how long a batch waits for items from other requests
+    encoder_cache_bytes: int = 512 * MiB  # LRU budget for cached embeddings; 0 disables the cache
+    max_image_bytes: int = 20 * MiB  # encoded size limit per image
+    max_image_pixels: int = 40_000_000  # width * height limit, checked before decoding
+    preprocess_threads: int = 2  # threads that decode and preprocess images
+    strict_compile: bool = False  # raise on a compilation after warm-up (tests) instead of logging
+    buckets: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty checkpoint path or hub id, got {self.model!r}")
+        if self.device not in DEVICE_KINDS:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_KINDS)}; got {self.device!r}")
+        _require_int(self, "max_batch_items", minimum=1)
+        _require_int(self, "encoder_cache_bytes", minimum=0)
+        _require_int(self, "max_image_bytes", minimum=1)
+        _require_int(self, "max_image_pixels", minimum=1)
+        _require_int(self, "preprocess_threads", minimum=1)
+        if not isinstance(self.batch_wait_s, (int, float)) or not 0 <= self.batch_wait_s <= 1:
+            raise ValueError(f"batch_wait_s must be between 0 and 1 second, got {self.batch_wait_s!r}")
+        object.__setattr__(self, "buckets", power_of_two_buckets(self.max_batch_items))
+
+
+def _require_int(config: EncoderConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

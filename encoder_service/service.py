@@ -1,0 +1,169 @@
+"""The encoder service: image bytes in, embedding references out.
+
+`EncoderService(config, store)` loads the checkpoint's vision half, compiles every
+item-batch bucket, and is ready when the constructor returns (`is_ready`); `close()`
+stops it. Each image of `encode(...)` goes:
+
+    key (hash of bytes) -> cache hit: the cached EmbeddingRef, nothing else runs
+                        -> in flight for another request: wait for that one
+                        -> miss: preprocess (pool) -> batcher -> device -> store.put -> cache
+
+Threads: `encode` runs on the caller's event loop (any loop) and only waits; the
+"encoder-preprocess" pool decodes and preprocesses misses; the batcher's worker thread
+runs every device step and then puts each result in the object store. A miss's
+computation is chained by future callbacks, not owned by the request that started it,
+so a cancelled request never strands the requests that joined its image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+
+from encoder_service.batcher import Batcher
+from encoder_service.cache import EmbeddingCache
+from encoder_service.config import EncoderConfig
+from encoder_service.preprocess import ImageRejected, Preprocessor, load_image_processor
+from encoder_service.runner import EncoderRunner
+from encoder_service.vision_model import load_vision_encoder
+from runtime.checkpoint import open_checkpoint
+from runtime.compile_guard import CompileGuard
+from runtime.device import open_device
+from runtime.image_key import image_cache_key, preprocess_fingerprint
+from runtime.messages import EmbeddingMeta, EmbeddingRef, ItemError
+from runtime.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_DTYPE = "float32"
+
+
+class EncoderService:
+    def __init__(self, config: EncoderConfig, store: ObjectStore) -> None:
+        started = time.perf_counter()
+        self.config = config
+        self._store = store
+        checkpoint = open_checkpoint(config.model)
+        self.model_id = checkpoint.model_id
+        device = open_device(config.device)
+        model = load_vision_encoder(checkpoint)
+        self.hidden_size = model.hidden_size
+        self.tokens_per_image = model.tokens_per_image
+        image_processor = load_image_processor(checkpoint.path)
+        self.fingerprint = preprocess_fingerprint(image_processor)
+        self._preprocessor = Preprocessor(
+            image_processor, model.image_size, max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels)
+        guard = CompileGuard(device, strict=config.strict_compile, name="encoder")
+        self._runner = EncoderRunner(model, device, config.buckets, guard)
+        self._runner.warm_up()
+        # A LocalObjectStore frees an array only when told; Ray frees it with its last ref.
+        drop = getattr(store, "drop", None)
+        self._cache = EmbeddingCache(config.encoder_cache_bytes,
+                                     on_evict=(lambda ref: drop(ref.object_ref)) if drop else None)
+        self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
+        self._batcher = Batcher(self._runner.run, max_items=config.max_batch_items,
+                                wait_s=config.batch_wait_s, name="encoder")
+        self._item_errors = 0
+        self.startup_seconds = time.perf_counter() - started
+        log.info("encoder: %s ready in %.1f s (%d tokens x %d per image)", self.model_id,
+                 self.startup_seconds, self.tokens_per_image, self.hidden_size)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._batcher.is_alive
+
+    def image_key(self, data: bytes) -> str:
+        return image_cache_key(data, self.model_id, self.fingerprint)
+
+    async def encode(self, images: list[bytes],
+                     request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
+        """One result per image, in order: its EmbeddingRef, or an ItemError naming it."""
+        if not self.is_ready:
+            raise RuntimeError("the encoder service is closed")
+        keys = await asyncio.to_thread(self._keys, images)
+        waits: list[EmbeddingRef | ImageRejected | Future] = []
+        for data, key in zip(images, keys):  # no await in this loop: claims are made together
+            if isinstance(key, ImageRejected):
+                waits.append(key)
+                continue
+            claim = self._cache.claim(key)
+            if claim.owner:
+                self._compute(key, data)
+            waits.append(claim.ref if claim.ref is not None else claim.future)
+        results: list[EmbeddingRef | ItemError] = []
+        for index, wait in enumerate(waits):
+            try:
+                if isinstance(wait, ImageRejected):
+                    raise wait
+                if isinstance(wait, Future):
+                    # shield: a cancelled request must not cancel a computation others joined
+                    wait = await asyncio.shield(asyncio.wrap_future(wait))
+                results.append(wait)
+            except ImageRejected as error:
+                results.append(self._item_error(index, request_id, str(error)))
+            except Exception as error:  # a failed device step or store put: this item only
+                log.error("encoder: image %d of request %s failed: %r", index, request_id, error)
+                results.append(self._item_error(index, request_id, f"encoding failed ({error})"))
+        return results
+
+    def stats(self) -> dict:
+        return {**self._cache.stats(), **self._runner.stats(), "item_errors": self._item_errors,
+                "batches": self._batcher.batches, "batched_items": self._batcher.items}
+
+    def close(self) -> None:
+        self._batcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _keys(self, images: list[bytes]) -> list[str | ImageRejected]:
+        """Cache keys, or the reason an image is refused before hashing (wrong type, too big)."""
+        keys: list[str | ImageRejected] = []
+        for data in images:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                keys.append(ImageRejected(f"expected image bytes, got {type(data).__name__}"))
+            elif len(data) > self.config.max_image_bytes:
+                keys.append(ImageRejected(f"{len(data)} bytes is over the limit of "
+                                          f"{self.config.max_image_bytes} bytes (max_image_bytes)"))
+            else:
+                keys.append(self.image_key(data))
+        return keys
+
+    def _compute(self, key: str, data: bytes) -> None:
+        """Starts the miss for `key`: preprocess (pool) -> batcher -> store; ends it in the cache."""
+
+        def fail(error: BaseException) -> None:
+            if isinstance(error, CancelledError):  # asyncio would read it as the waiter's cancel
+                error = RuntimeError("the encoder shut down before this image ran")
+            self._cache.fail(key, error)
+
+        def on_pixels(done: Future) -> None:
+            try:
+                self._batcher.submit(done.result()).add_done_callback(on_embedding)
+            except BaseException as error:
+                fail(error)
+
+        def on_embedding(done: Future) -> None:
+            try:
+                array = done.result()  # [tokens_per_image, hidden_size] float32
+                ref = EmbeddingRef(meta=self._meta(key), object_ref=self._store.put(array))
+            except BaseException as error:
+                fail(error)
+                return
+            self._cache.fulfil(key, ref, array.nbytes)
+
+        try:
+            self._pool.submit(self._preprocessor, data).add_done_callback(on_pixels)
+        except RuntimeError as error:  # the pool is shut down
+            fail(error)
+
+    def _meta(self, key: str) -> EmbeddingMeta:
+        return EmbeddingMeta(image_hash=key, num_tokens=self.tokens_per_image,
+                             hidden_size=self.hidden_size, dtype=EMBEDDING_DTYPE,
+                             model_id=self.model_id)
+
+    def _item_error(self, index: int, request_id: str | None, reason: str) -> ItemError:
+        self._item_errors += 1
+        where = f"image {index}" + (f" of request {request_id}" if request_id else "")
+        return ItemError(index=index, message=f"{where}: {reason}")
