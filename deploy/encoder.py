@@ -1,0 +1,57 @@
+"""The encoder's Ray Serve deployment: a thin shell around `EncoderService`.
+
+The replica loads and compiles every bucket in its constructor, so Serve routes to
+it only once it is warm; `check_health` then fails if the service stops (its batcher
+thread died or it was closed), and Serve replaces the replica. Embeddings go to
+Ray's object store, owned by this replica; callers get `EmbeddingRef`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ray import serve
+
+from encoder_service.config import EncoderConfig
+from encoder_service.service import EncoderService
+from runtime.messages import EmbeddingRef, ItemError
+from runtime.object_store import RayObjectStore
+
+
+class EncoderServer:
+    def __init__(self, config: EncoderConfig | dict) -> None:
+        if isinstance(config, dict):
+            config = EncoderConfig(**config)
+        self.service = EncoderService(config, RayObjectStore())
+
+    async def encode(self, images: list[bytes],
+                     request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
+        return await self.service.encode(images, request_id)
+
+    def info(self) -> dict:
+        """What a router checks against its decoder at build time."""
+        return {"model_id": self.service.model_id, "hidden_size": self.service.hidden_size,
+                "tokens_per_image": self.service.tokens_per_image,
+                "fingerprint": self.service.fingerprint,
+                "config": {k: v for k, v in asdict(self.service.config).items() if k != "buckets"}}
+
+    def stats(self) -> dict:
+        return self.service.stats()
+
+    def check_health(self) -> None:
+        if not self.service.is_ready:
+            raise RuntimeError("encoder service is not running (closed or its batcher thread died)")
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
+
+
+# Many requests in flight per replica: that is what lets the batcher gather across them.
+EncoderDeployment = serve.deployment(name="encoder", max_ongoing_requests=64)(EncoderServer)
+
+
+def build_encoder_app(args: dict) -> serve.Application:
+    """Serve config `import_path: deploy.encoder:build_encoder_app`; `args` are EncoderConfig fields."""
+    return EncoderDeployment.bind(EncoderConfig(**args))
