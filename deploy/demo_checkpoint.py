@@ -55,8 +55,9 @@ def chat_template() -> str:
 
 def build_tokenizer(max_length: int):
     """The MiniLM WordPiece tokenizer, reshaped for a decoder: [CLS] acts as BOS
-    (prepended, nothing appended), [SEP] as EOS, plus the `<image>` placeholder."""
-    from tokenizers import Tokenizer
+    (prepended, nothing appended), [SEP] as EOS, plus the `<image>` placeholder.
+    Every token decodes to whole characters, so streamed text never splits one."""
+    from tokenizers import Tokenizer, decoders
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
@@ -67,6 +68,9 @@ def build_tokenizer(max_length: int):
     cls_id = backend.token_to_id("[CLS]")
     backend.post_processor = TemplateProcessing(
         single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", cls_id)])
+    # No punctuation clean-up on decode: then decoding more tokens only ever appends text,
+    # which keeps streamed text identical to the full decode.
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", unk_token="[UNK]",
         pad_token="[PAD]", model_max_length=max_length, clean_up_tokenization_spaces=False)

@@ -70,3 +70,74 @@ class ItemError:
     index: int  # position of the item in the request
     message: str  # names the item and what is wrong with it, for the client
     retryable: bool = False
+
+
+MAX_TOP_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling, validated at construction (errors name the field)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no limit
+    seed: int | None = None  # same seed, same output, whatever the batch neighbours
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"{field}: {why}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", f"must be a non-negative integer, got {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise bad("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "needs logprobs=true")
+        if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be at most 8 non-empty strings")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Router -> decoder: a tokenized prompt whose image placeholder runs are filled, in
+    order, by the rows of `images`."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    images: tuple[EmbeddingRef, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """Decoder -> router, streamed: what one step added to one request."""
+
+    request_id: str
+    text: str  # new text (stop strings never leak into it)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None  # "stop", "length" or None while running
+    prompt_tokens: int
+    completion_tokens: int

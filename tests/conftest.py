@@ -73,3 +73,28 @@ def ray_serve():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_llava(tiny_checkpoint):
+    """transformers' own LLaVA on the CPU, eager fp32: the ground truth for tokens and features."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="float32").eval()
+    return processor, model
+
+
+@pytest.fixture(scope="session")
+def decoder_service(tiny_checkpoint):
+    """One warmed decoder (strict compile guard) shared by the decoder tests."""
+    from decoder_service.config import DecoderConfig
+    from decoder_service.service import DecoderService
+    from runtime.object_store import LocalObjectStore
+
+    service = DecoderService(
+        DecoderConfig(model=str(tiny_checkpoint), max_model_len=256, max_num_seqs=4,
+                      max_prefill_images=4, strict_compile=True),
+        LocalObjectStore())
+    yield service
+    service.shutdown()

@@ -36,3 +36,25 @@ def image_data_url(image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def collect(service, request):
+    """Runs one request to the end: (token ids, text, finish reason, chunks)."""
+    chunks = [chunk async for chunk in service.generate(request)]
+    tokens = [t for c in chunks for t in c.token_ids]
+    return tokens, "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks
+
+
+def embedding_refs(store, model_id, features):
+    """EmbeddingRefs over eager image features ([tokens, hidden] each), put in `store`."""
+    import numpy as np
+
+    from runtime.messages import EmbeddingMeta, EmbeddingRef
+
+    refs = []
+    for i, f in enumerate(features):
+        array = np.ascontiguousarray(np.asarray(f, dtype=np.float32))
+        meta = EmbeddingMeta(f"test-image-{i}-{id(f)}", array.shape[0], array.shape[1], "float32",
+                             model_id)
+        refs.append(EmbeddingRef(meta, store.put(array)))
+    return tuple(refs)

@@ -1,0 +1,121 @@
+"""The decoder replica as a plain class: validation, embedding resolution, streaming.
+
+Threads: the engine thread (see `engine.py`) runs the model; `generate` runs on
+the caller's asyncio loop, resolves embeddings from the object store in a worker
+thread, submits the sequence and relays its chunks from an asyncio queue. Leaving
+the generator early (client gone, task cancelled) aborts the sequence, which
+frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from decoder_service.config import DecoderConfig
+from decoder_service.engine import Engine
+from decoder_service.image_merge import placeholder_count
+from decoder_service.runner import ModelRunner
+from decoder_service.scheduler import Scheduler, Sequence
+from runtime.checkpoint import open_checkpoint
+from runtime.device import open_device
+from runtime.messages import EmbeddingMismatchError, GenerateChunk, GenerateRequest
+from runtime.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_GET_TIMEOUT_S = 30.0
+
+
+class DecoderService:
+    def __init__(self, config: DecoderConfig, store: ObjectStore) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.store = store
+        checkpoint = open_checkpoint(config.model)
+        self.model_id = checkpoint.model_id
+        self.image_token_id = checkpoint.image_token_id
+        self.runner = ModelRunner(config, checkpoint, open_device(config.device))
+        self.shapes = self.runner.shapes
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        eos = checkpoint.config.text_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+        self.runner.warm_up()
+        self.engine = Engine(self.runner, Scheduler(self.shapes, config.max_prefill_images),
+                             self.tokenizer, self.eos_token_id)
+        self.engine.start()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.runner.hidden_size
+
+    @property
+    def is_ready(self) -> bool:
+        return self.runner.guard.is_warm
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.engine.stop()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        seq = await self._prepare(request)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        self.engine.submit(seq, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await chunks.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise RuntimeError(f"request {request.request_id} failed in the decoder: {item}")
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                self.engine.abort(request.request_id)
+
+    async def _prepare(self, request: GenerateRequest) -> Sequence:
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        params = request.sampling
+        vocab = self.runner.vocab_size
+        if prompt.ndim != 1 or len(prompt) == 0:
+            raise ValueError("prompt_token_ids: must be a non-empty list of token ids")
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        max_len = self.shapes.max_model_len
+        if len(prompt) + params.max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens: the prompt has {len(prompt)} tokens and max_tokens is "
+                f"{params.max_tokens}; together they exceed max_model_len {max_len}")
+        if len(request.images) > self.config.max_prefill_images:
+            raise ValueError(f"images: at most {self.config.max_prefill_images} per request, "
+                             f"got {len(request.images)}")
+        placeholders = placeholder_count(prompt, self.image_token_id)
+        rows = sum(ref.meta.num_tokens for ref in request.images)
+        if placeholders != rows:
+            raise EmbeddingMismatchError(
+                f"images: the prompt has {placeholders} image placeholder tokens but its "
+                f"{len(request.images)} image(s) carry {rows} embedding rows")
+        for ref in request.images:
+            ref.meta.check_compatible(self.model_id, self.hidden_size)
+        image_rows = None
+        if request.images:
+            arrays = await asyncio.to_thread(
+                self.store.get, [ref.object_ref for ref in request.images], EMBEDDING_GET_TIMEOUT_S)
+            for ref, array in zip(request.images, arrays):
+                if array.shape != (ref.meta.num_tokens, ref.meta.hidden_size):
+                    raise EmbeddingMismatchError(
+                        f"embedding {ref.meta.image_hash[:16]} has shape {array.shape}, its "
+                        f"metadata says {(ref.meta.num_tokens, ref.meta.hidden_size)}")
+            image_rows = np.concatenate(arrays).astype(np.float32, copy=False)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return Sequence(request.request_id, prompt, image_rows, len(request.images), params, seed)

@@ -1,0 +1,84 @@
+"""Greedy tokens equal transformers' LLaVA `generate` (eager CPU, fp32), while other requests
+share the batch. The one allowed difference: a step where the reference's top-two logits are
+within 1e-4 (a near-tie float rounding may flip) ends that request's comparison there."""
+
+import asyncio
+
+import numpy as np
+import torch
+
+from runtime.messages import GenerateRequest, SamplingParams
+from tests.support import collect, embedding_refs
+
+NEAR_TIE = 1e-4
+
+
+def _case(processor, model, photos, text, num_images, max_tokens):
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}],
+                                           add_generation_prompt=True)
+    images = [photos[i % len(photos)] for i in range(num_images)] or None
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        features = []
+        if num_images:
+            features = [f.numpy() for f in
+                        model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output]
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = out.sequences[0, prompt_len:].tolist()
+    gaps = [float(torch.topk(step[0], 2).values.diff().abs()) for step in out.logits]
+    return inputs["input_ids"][0].tolist(), features, expected, gaps
+
+
+def _fill(processor, words, num_images, budget):
+    """The longest prefix of `words` whose prompt (with `num_images` images) fits `budget` tokens."""
+    per_image = processor.image_processor.crop_size["height"] ** 2 // processor.patch_size ** 2
+    for n in range(len(words), 0, -1):
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": " ".join(words[:n])}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True)
+        if len(processor.tokenizer(prompt)["input_ids"]) + num_images * (per_image - 1) <= budget:
+            return " ".join(words[:n])
+    raise ValueError("budget too small")
+
+
+def test_greedy_tokens_match_transformers_generate(decoder_service, reference_llava, photos):
+    processor, model = reference_llava
+    store, model_id = decoder_service.store, decoder_service.model_id
+    words = ("the quick brown fox jumps over the lazy dog " * 40).split()
+    specs = [  # (text, images, max_tokens)
+        ("Tell me a story.", 0, 24), ("What is in this picture?", 1, 24),
+        ("Compare these three photos.", 3, 16), ("Describe it in detail please.", 1, 30),
+        ("hello", 0, 40), ("Which one is a cat?", 2, 20), ("Count the people.", 1, 12),
+        ("What colour dominates?", 4, 10), ("Why?", 0, 8), ("Name the objects you see.", 2, 24),
+        (_fill(processor, words, 0, 256 - 10), 0, 10),  # up to max_model_len (256)
+        (_fill(processor, words, 1, 256 - 12), 1, 10),
+    ]
+    cases = [_case(processor, model, photos, *spec) for spec in specs]
+    assert max(len(ids) + spec[2] for (ids, *_), spec in zip(cases, specs)) >= 250
+
+    async def run_all():
+        requests = [GenerateRequest(f"ref-{i}", tuple(ids), embedding_refs(store, model_id, feats),
+                                    SamplingParams(max_tokens=spec[2], temperature=0.0))
+                    for i, ((ids, feats, _, _), spec) in enumerate(zip(cases, specs))]
+        # Sampled neighbours keep the batch mixed while the greedy requests run.
+        noise = [GenerateRequest(f"noise-{i}", (101, 2023, 2003, 1037), (),
+                                 SamplingParams(max_tokens=30, temperature=1.0, seed=i))
+                 for i in range(3)]
+        results = await asyncio.gather(*(collect(decoder_service, r) for r in requests + noise))
+        return results[:len(requests)]
+
+    results = asyncio.run(run_all())
+    ties, compared_tokens = 0, 0
+    for (ids, _, expected, gaps), (tokens, _, _, _), spec in zip(cases, results, specs):
+        limit = next((s for s, gap in enumerate(gaps) if gap < NEAR_TIE), len(expected))
+        ties += limit < len(expected)
+        assert tokens[:limit] == expected[:limit], f"case {spec[0][:30]!r} with {spec[1]} images"
+        assert len(tokens) == len(expected)
+        compared_tokens += limit
+    print(f"near-ties: {ties} of {len(specs)} requests; {compared_tokens} tokens compared")
+    assert ties / len(specs) < 0.05, f"{ties} near-ties in {len(specs)} requests"
+    assert compared_tokens > 150
+    assert decoder_service.runner.guard.compilations_after_warmup == 0
