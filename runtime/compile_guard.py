@@ -11,8 +11,11 @@ indexing, a `.item()` inside the step. In strict mode (tests) it raises
 To find the culprit, run with `PT_XLA_DEBUG_LEVEL=2`: torch_xla then prints a
 "Compilation Analysis" naming the Python frame that forced the graph.
 
-The counter behind it is torch_xla's process-wide `CompileTime` metric, so one
-guard sees every compilation in its process. Eager devices never compile.
+The counter behind it is torch_xla's process-wide count of cached graphs: every
+graph the process compiled, or loaded from a persistent compilation cache
+(`XLA_PERSISTENT_CACHE_PATH`, which TPU hosts can use to start faster; the CPU
+PJRT client cannot load executables back). One guard sees every graph in its
+process. Eager devices never compile.
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ class RecompilationError(RuntimeError):
 
 
 def xla_compilation_count() -> int:
-    """Number of XLA graph compilations so far in this process."""
-    import torch_xla.debug.metrics as met
+    """Number of distinct XLA graphs this process has compiled or loaded so far."""
+    import torch_xla.runtime as xr
 
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
+    return int(xr.get_num_cached_compilation_graph())
 
 
 class CompileGuard:

@@ -1,0 +1,131 @@
+"""Decoder benchmark: decode tokens/s per batch size, prefill tokens/s, host overhead per
+step, and the decode step against its memory-bandwidth floor.
+
+    .venv/bin/python benchmarks/decoder_bench.py --size small [--device xla|cpu] [--json out.json]
+
+It drives the model runner directly (no scheduler), one graph per measured shape;
+the first call of a shape compiles it and is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+from benchmarks.common import copy_bandwidth_gbps, demo_checkpoint, machine  # noqa: E402
+from decoder_service.config import DecoderConfig  # noqa: E402
+from decoder_service.inputs import SeqView, build_decode, build_prefill  # noqa: E402
+from decoder_service.runner import ModelRunner  # noqa: E402
+from runtime.checkpoint import open_checkpoint  # noqa: E402
+from runtime.device import open_device  # noqa: E402
+
+
+def execute_seconds(device) -> float:
+    """Total device execution time so far (xla only; 0 elsewhere)."""
+    if not device.is_xla:
+        return 0.0
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("ExecuteTime")
+    return data[1] / 1e9 if data else 0.0
+
+
+def timed(fn, device, repeats):
+    first_t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - first_t0
+    walls, execs = [], []
+    for _ in range(repeats):
+        e0, t0 = execute_seconds(device), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        execs.append(execute_seconds(device) - e0)
+    return first, statistics.median(walls), statistics.median(execs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--device", default="xla")
+    parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    checkpoint = open_checkpoint(str(demo_checkpoint(args.size)))
+    device = open_device(args.device)
+    runner = ModelRunner(DecoderConfig(model=str(checkpoint.path), device=args.device,
+                                       max_num_seqs=16, max_model_len=1024), checkpoint, device)
+    rng = np.random.default_rng(0)
+    shapes = runner.shapes
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    results = {"machine": machine(), "device": device.describe(), "size": args.size,
+               "weight_bytes": weight_bytes, "kv_cache_bytes": runner.cache.nbytes, "decode": [],
+               "prefill": []}
+
+    for batch in (1, 4, 16):
+        seqs = [SeqView(i, np.array([rng.integers(1000, 20000)]), args.context + i, None, 0.0, 1.0, 0,
+                        i, 1) for i in range(batch)]
+        inputs = build_decode(seqs, shapes, vocab_size=runner.vocab_size, scratch_slot=runner.scratch_slot)
+        host_t0 = time.perf_counter()
+        build_decode(seqs, shapes, vocab_size=runner.vocab_size, scratch_slot=runner.scratch_slot)
+        build_s = time.perf_counter() - host_t0
+        first, wall, execute = timed(lambda: runner.decode(inputs), device, args.repeats)
+        results["decode"].append({
+            "batch": batch, "attention_len": inputs.attention_len, "compile_s": first - wall,
+            "step_ms": wall * 1e3, "execute_ms": execute * 1e3,
+            "host_overhead_ms": (wall - execute + build_s) * 1e3 if device.is_xla else None,
+            "tokens_per_s": batch / wall})
+
+    for tokens, images in ((128, 0), (256, 1), (512, 0), (1024, 4)):
+        rows = images * shapes.tokens_per_image
+        ids = rng.integers(1000, 20000, size=tokens)
+        ids[1:1 + rows] = runner.image_token_id
+        view = SeqView(0, ids, 0, rng.standard_normal((rows, runner.hidden_size)).astype(np.float32)
+                       if rows else None, 0.0, 1.0, 0, 0, 0)
+        inputs = build_prefill([view], shapes, image_token_id=runner.image_token_id,
+                               hidden_size=runner.hidden_size, vocab_size=runner.vocab_size,
+                               scratch_slot=runner.scratch_slot)
+        first, wall, execute = timed(lambda: runner.prefill(inputs), device, max(3, args.repeats // 3))
+        results["prefill"].append({"tokens": tokens, "images": images, "compile_s": first - wall,
+                                   "step_ms": wall * 1e3, "tokens_per_s": tokens / wall})
+
+    bandwidth = copy_bandwidth_gbps()
+    results["copy_bandwidth_gbps"] = bandwidth
+    results["decode_floor_ms"] = weight_bytes / (bandwidth * 1e9) * 1e3
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def report(r: dict) -> str:
+    lines = [f"decoder, {r['size']} checkpoint, {r['device']}; {r['machine']}",
+             f"text weights {r['weight_bytes'] / 1e6:.0f} MB, KV cache {r['kv_cache_bytes'] / 1e6:.0f} MB, "
+             f"copy bandwidth {r['copy_bandwidth_gbps']:.1f} GB/s -> weight-read floor "
+             f"{r['decode_floor_ms']:.1f} ms/step", "",
+             "| decode batch | attention len | step ms | device execute ms | host overhead ms | tokens/s | x floor | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in r["decode"]:
+        host = "n/a" if d["host_overhead_ms"] is None else f"{d['host_overhead_ms']:.1f}"
+        lines.append(f"| {d['batch']} | {d['attention_len']} | {d['step_ms']:.1f} | {d['execute_ms']:.1f} | "
+                     f"{host} | {d['tokens_per_s']:.1f} | {d['step_ms'] / r['decode_floor_ms']:.1f} | "
+                     f"{d['compile_s']:.1f} |")
+    lines += ["", "| prefill tokens | images | step ms | tokens/s | compile s |", "|---|---|---|---|---|"]
+    for p in r["prefill"]:
+        lines.append(f"| {p['tokens']} | {p['images']} | {p['step_ms']:.0f} | {p['tokens_per_s']:.0f} | "
+                     f"{p['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
