@@ -75,11 +75,11 @@ class EmbeddingCache:
                     self.bytes -= old_bytes
                     self.evictions += 1
                     evicted.append(old)
-        if future is not None:
-            future.set_result(ref)
-        if self._on_evict is not None:
+        if self._on_evict is not None:  # before waking anyone: what they see next is settled
             for old in evicted:
                 self._on_evict(old)
+        if future is not None:
+            future.set_result(ref)
 
     def fail(self, key: str, error: BaseException) -> None:
         """Ends the owner's computation with `error`; nothing is cached."""

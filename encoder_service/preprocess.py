@@ -36,14 +36,18 @@ class Preprocessor:
         """Pixels [3, S, S] float32 for the image file `data`."""
         return self.pixels_of(self.decode(data))
 
-    def decode(self, data: bytes):
-        from PIL import Image
-
+    def check_bytes(self, data) -> None:
+        """Refuses what is not bytes or is over `max_image_bytes`, before anything reads it."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ImageRejected(f"expected image bytes, got {type(data).__name__}")
         if len(data) > self.max_image_bytes:
             raise ImageRejected(f"{len(data)} bytes is over the limit of "
                                 f"{self.max_image_bytes} bytes (max_image_bytes)")
+
+    def decode(self, data: bytes):
+        from PIL import Image
+
+        self.check_bytes(data)
         try:
             image = Image.open(io.BytesIO(data))  # reads the header only
             width, height = image.size

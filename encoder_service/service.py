@@ -118,16 +118,14 @@ class EncoderService:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _keys(self, images: list[bytes]) -> list[str | ImageRejected]:
-        """Cache keys, or the reason an image is refused before hashing (wrong type, too big)."""
+        """Cache keys, or why an image is refused before it is even hashed (type, size)."""
         keys: list[str | ImageRejected] = []
         for data in images:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                keys.append(ImageRejected(f"expected image bytes, got {type(data).__name__}"))
-            elif len(data) > self.config.max_image_bytes:
-                keys.append(ImageRejected(f"{len(data)} bytes is over the limit of "
-                                          f"{self.config.max_image_bytes} bytes (max_image_bytes)"))
-            else:
+            try:
+                self._preprocessor.check_bytes(data)
                 keys.append(self.image_key(data))
+            except ImageRejected as error:
+                keys.append(error)
         return keys
 
     def _compute(self, key: str, data: bytes) -> None:

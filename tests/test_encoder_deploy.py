@@ -40,10 +40,25 @@ def test_encoder_deployment_serves_refs_to_the_object_store(ray_serve, tiny_chec
             assert np.abs(array - features.numpy()).max() < 1e-4
 
         info = handle.info.remote().result()
-        assert (info["model_id"], info["hidden_size"], info["tokens_per_image"]) == (str(tiny_checkpoint), 64, 16)
+        assert (info["model_id"], info["hidden_size"], info["tokens_per_image"]) == (
+            str(tiny_checkpoint), 64, 16)
         stats = handle.stats.remote().result()  # three misses: the junk item is one too
         assert stats["misses"] == 3 and stats["compilations_after_warmup"] == 0
         again = handle.encode.remote([_png(photos[0])]).result()
         assert again[0].meta == refs[0].meta and handle.stats.remote().result()["hits"] == 1
     finally:
         ray_serve.delete("encoder-test")
+
+
+def test_build_validates_the_config_and_health_follows_the_service(tiny_checkpoint):
+    import pytest
+
+    from deploy.encoder import EncoderServer, build_encoder_app
+
+    with pytest.raises(ValueError, match="max_batch_items"):
+        build_encoder_app({"model": str(tiny_checkpoint), "max_batch_items": 0})
+    server = EncoderServer({"model": str(tiny_checkpoint)})  # warm when constructed
+    server.check_health()
+    server.service.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        server.check_health()

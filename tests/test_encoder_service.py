@@ -10,7 +10,8 @@ from PIL import Image
 from encoder_service.config import EncoderConfig
 from encoder_service.service import EncoderService
 from runtime.compile_guard import xla_compilation_count
-from runtime.messages import EmbeddingLostError, EmbeddingMeta, EmbeddingMismatchError, EmbeddingRef, ItemError
+from runtime.messages import (
+    EmbeddingLostError, EmbeddingMeta, EmbeddingMismatchError, EmbeddingRef, ItemError)
 from runtime.object_store import LocalObjectStore
 
 TOLERANCE = 1e-4

@@ -258,3 +258,27 @@ def test_feature_layers_resolve_to_absolute_hidden_state_indices():
     assert feature_layer_indices([-1, 0, 5], 12) == (12, 0, 5)
     with pytest.raises(ValueError, match="outside a tower of 12 layers"):
         feature_layer_indices(-14, 12)
+
+
+@pytest.mark.parametrize("layers, strategy", [(-1, "full"), ([-3, -1], "default"), (-2, "full")])
+def test_vision_encoder_honours_feature_layers_and_strategy(tiny_checkpoint, tmp_path, layers, strategy):
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from encoder_service.vision_model import load_vision_encoder
+    from runtime.checkpoint import open_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    config.vision_feature_layer, config.vision_feature_select_strategy = layers, strategy
+    torch.manual_seed(1)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    AutoProcessor.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path)
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    encoder = load_vision_encoder(open_checkpoint(str(tmp_path)))
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.stack(list(reference.get_image_features(pixel_values=pixels).pooler_output))
+        got = encoder(pixels)
+    assert got.shape == (2, encoder.tokens_per_image, 64)
+    assert encoder.tokens_per_image == (17 if strategy == "full" else 16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
