@@ -1,24 +1,12 @@
-"""Shared by the benchmark scripts: the cached demo checkpoint and machine facts."""
+"""Shared by the benchmark scripts: machine facts."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
-
-
-def demo_checkpoint(size: str, seed: int = 0) -> Path:
-    """The demo checkpoint of `size`, written once under ~/.cache/splitserve."""
-    from deploy.demo_checkpoint import write_demo_checkpoint
-
-    root = Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
-    path = root / f"demo-{size}-seed{seed}"
-    if not (path / "splitserve_demo.json").exists():
-        write_demo_checkpoint(path, size=size, seed=seed)
-    return path
 
 
 def copy_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:

@@ -22,10 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
-from benchmarks.common import copy_bandwidth_gbps, demo_checkpoint, machine  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbps, machine  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
 from decoder_service.inputs import SeqView, build_decode, build_prefill  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
+from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
 from runtime.checkpoint import open_checkpoint  # noqa: E402
 from runtime.device import open_device  # noqa: E402
 
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    checkpoint = open_checkpoint(str(demo_checkpoint(args.size)))
+    checkpoint = open_checkpoint(str(cached_demo_checkpoint(args.size)))
     device = open_device(args.device)
     runner = ModelRunner(DecoderConfig(model=str(checkpoint.path), device=args.device,
                                        max_num_seqs=16, max_model_len=1024), checkpoint, device)

@@ -67,11 +67,8 @@ class DecodeInputs:
 def _sampling_rows(seqs: list[SeqView], rows: int, vocab_size: int) -> SamplingRows:
     pad = SamplingRows.padding(rows, vocab_size)
     for i, s in enumerate(seqs):
-        pad.temperature[i] = s.temperature
-        pad.top_p[i] = s.top_p
-        pad.top_k[i] = s.top_k if s.top_k > 0 else vocab_size
-        pad.seed[i] = s.seed
-        pad.step[i] = s.step
+        pad.set_row(i, temperature=s.temperature, top_p=s.top_p,
+                    top_k=s.top_k if s.top_k > 0 else vocab_size, seed=s.seed, step=s.step)
     return pad
 
 

@@ -39,6 +39,7 @@ class DecoderService:
         self.store = store
         checkpoint = open_checkpoint(config.model)
         self.model_id = checkpoint.model_id
+        self.model_path = str(checkpoint.path)
         self.image_token_id = checkpoint.image_token_id
         self.runner = ModelRunner(config, checkpoint, open_device(config.device))
         self.shapes = self.runner.shapes

@@ -1,12 +1,15 @@
-"""Serve wiring of the decoder: a thin deployment class around `DecoderService`.
+"""Serve wiring of the decoder: a thin deployment around `DecoderService`.
 
-`serve.deployment` is applied by the app builder (`deploy/app.py`), which also
-sets replicas, resources and autoscaling.
+The replica compiles every bucket in its constructor, so Serve routes to it only
+once it is warm. The app builder (`deploy/app.py`) sets replicas, resources and
+autoscaling through `.options(...)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+
+from ray import serve
 
 from decoder_service.config import DecoderConfig
 from decoder_service.service import DecoderService
@@ -14,7 +17,14 @@ from runtime.messages import GenerateChunk, GenerateRequest
 from runtime.object_store import RayObjectStore
 
 
-class DecoderDeployment:
+def decoder_info(service: DecoderService) -> dict:
+    return {"model_id": service.model_id, "model_path": service.model_path,
+            "hidden_size": service.hidden_size, "max_model_len": service.shapes.max_model_len,
+            "tokens_per_image": service.shapes.tokens_per_image,
+            "max_images": service.config.max_prefill_images}
+
+
+class DecoderServer:
     def __init__(self, config: DecoderConfig) -> None:
         self.service = DecoderService(config, RayObjectStore())
 
@@ -25,10 +35,7 @@ class DecoderDeployment:
             yield chunk
 
     def info(self) -> dict:
-        s = self.service
-        return {"model_id": s.model_id, "hidden_size": s.hidden_size,
-                "max_model_len": s.shapes.max_model_len, "tokens_per_image": s.shapes.tokens_per_image,
-                "max_images": s.config.max_prefill_images}
+        return decoder_info(self.service)
 
     def stats(self) -> dict:
         return self.service.stats()
@@ -41,3 +48,7 @@ class DecoderDeployment:
         service = getattr(self, "service", None)
         if service is not None:
             service.shutdown()
+
+
+# Requests beyond the KV-cache slots wait in the engine's queue, so accept plenty.
+DecoderDeployment = serve.deployment(name="decoder", max_ongoing_requests=128)(DecoderServer)

@@ -14,6 +14,9 @@ Sizes:
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -130,3 +133,26 @@ def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int =
     build_processor(size, tokenizer).save_pretrained(directory)
     (directory / "splitserve_demo.json").write_text(json.dumps({"size": size, "seed": seed}) + "\n")
     return directory
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
+
+
+def cached_demo_checkpoint(size: str = "tiny", seed: int = 0) -> Path:
+    """The demo checkpoint, written once under `cache_root()` and reused after."""
+    path = cache_root() / f"demo-{size}-seed{seed}"
+    if not (path / "splitserve_demo.json").exists():
+        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent if path.parent.exists()
+                                        else _mkdir(path.parent)))
+        write_demo_checkpoint(staging, size=size, seed=seed)
+        try:
+            staging.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

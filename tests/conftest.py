@@ -59,7 +59,12 @@ def transformers_server(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_serve():
+def serve_http_port():
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(serve_http_port):
     """One local Ray + Serve for the whole session (start-up costs ~15 s). Tests deploy apps
     under their own names and delete them when done."""
     import ray
@@ -67,7 +72,7 @@ def ray_serve():
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PJRT_DEVICE": "CPU", "HF_HUB_OFFLINE": "1"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_http_port})
     try:
         yield serve
     finally:

@@ -8,7 +8,7 @@ import torch
 from decoder_service.config import DecoderConfig, derive_shapes
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.image_merge import build_image_index, merge_image_rows
-from decoder_service.sampler import sample, uniform_noise, unpack
+from decoder_service.sampler import SamplingRows, sample, split_seed, uniform_noise, unpack
 from decoder_service.scheduler import Scheduler, Sequence, SeqStatus
 from deploy.demo_checkpoint import build_tokenizer
 from runtime.messages import SamplingParams
@@ -96,9 +96,10 @@ def test_detokenizer_holds_back_a_possible_stop_prefix_until_the_end():
 
 
 def _rows(n, temperature=1.0, top_p=1.0, top_k=0, seed=0, step=0, vocab=50):
-    t = lambda v, dt: torch.full((n,), v, dtype=dt)  # noqa: E731
-    return dict(temperature=t(temperature, torch.float32), top_p=t(top_p, torch.float32),
-                top_k=t(top_k or vocab, torch.int64), seed=t(seed, torch.int64), step=t(step, torch.int64))
+    rows = SamplingRows.padding(n, vocab)
+    for i in range(n):
+        rows.set_row(i, temperature=temperature, top_p=top_p, top_k=top_k or vocab, seed=seed, step=step)
+    return rows.to(torch.device("cpu"))
 
 
 def test_sampler_greedy_top_k_and_top_p_limits():
@@ -114,14 +115,23 @@ def test_sampler_greedy_top_k_and_top_p_limits():
         assert all(r.token_id in top3[i].tolist() for i, r in enumerate(rows))
 
 
+def _noise(seeds, steps, vocab):
+    halves = [split_seed(s) for s in seeds]
+    lo = torch.tensor([h[0] for h in halves], dtype=torch.int32)
+    hi = torch.tensor([h[1] for h in halves], dtype=torch.int32)
+    return uniform_noise(lo, hi, torch.tensor(steps, dtype=torch.int32), vocab)
+
+
 def test_sampler_noise_depends_only_on_seed_step_and_token():
-    a = uniform_noise(torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]), 1000)
-    b = uniform_noise(torch.tensor([6, 5]), torch.tensor([0, 0]), 1000)
+    a = _noise([5, 5, 6], [0, 1, 0], 1000)
+    b = _noise([6, 5], [0, 0], 1000)
     torch.testing.assert_close(a[0], b[1])
     torch.testing.assert_close(a[2], b[0])
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
     assert 0.0 < float(a.min()) and float(a.max()) < 1.0
     assert abs(float(a.mean()) - 0.5) < 0.02  # roughly uniform
+    assert not torch.equal(_noise([5], [0], 100), _noise([5 + 2**40], [0], 100))  # high bits count
+    assert split_seed(2**63 - 1) == (-1, 2**31 - 1)
 
 
 def test_sampling_follows_the_distribution():

@@ -1,0 +1,86 @@
+"""The app builder: `import_path: deploy.app:build_app` in a Serve config.
+
+One builder, two layouts:
+- `disaggregated` (default): router -> encoder deployment + decoder deployment, each
+  with its own replicas, resources and autoscaling;
+- `colocated`: router -> one deployment whose replicas hold both halves.
+
+Deployment names are fixed (`router`, `encoder`, `decoder`, `colocated`) so a Serve
+config's `deployments:` section can set replicas, `ray_actor_options` (TPU chips)
+and `autoscaling_config` per deployment. Cross-deployment settings are derived
+here, once, from one `model` and `device`, so the halves cannot disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from decoder_service.config import DecoderConfig
+from deploy.colocated import ColocatedDeployment
+from deploy.decoder import DecoderDeployment
+from deploy.encoder import EncoderDeployment
+from deploy.router import RouterServer
+from encoder_service.config import EncoderConfig
+
+RouterDeployment = serve.deployment(name="router", max_ongoing_requests=512)(RouterServer)
+
+
+class AppArgs(BaseModel):
+    """`args:` of the Serve config (or the CLI's flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # checkpoint dir or hub id; None: the cached tiny demo checkpoint
+    served_model_name: str | None = None  # default: the checkpoint's directory name
+    device: Literal["xla", "cpu", "cuda"] = "xla"
+    layout: Literal["disaggregated", "colocated"] = "disaggregated"
+    strict_compile: bool = False
+    encoder: dict[str, Any] = Field(default_factory=dict)  # EncoderConfig fields
+    decoder: dict[str, Any] = Field(default_factory=dict)  # DecoderConfig fields
+    fetch: dict[str, Any] = Field(default_factory=dict)  # router.images.FetchPolicy fields
+    encoder_replicas: int | None = Field(default=None, ge=1)
+    decoder_replicas: int | None = Field(default=None, ge=1)
+    router_replicas: int | None = Field(default=None, ge=1)
+
+
+def resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from deploy.demo_checkpoint import cached_demo_checkpoint
+
+    return str(cached_demo_checkpoint("tiny"))
+
+
+def _options(replicas: int | None) -> dict:
+    return {} if replicas is None else {"num_replicas": replicas}
+
+
+def build_app(args: dict | AppArgs | None = None) -> serve.Application:
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    model = resolve_model(args.model)
+    for name, section in (("encoder", args.encoder), ("decoder", args.decoder)):
+        if {"model", "device"} & section.keys():
+            raise ValueError(f"{name}.model/{name}.device: set `model` and `device` once, at the top")
+    common = {"model": model, "device": args.device, "strict_compile": args.strict_compile}
+    encoder_config = EncoderConfig(**{**args.encoder, **common})
+    decoder_config = DecoderConfig(**{**args.decoder, **common})
+    fetch = dict(args.fetch)
+    if "allowed_hosts" in fetch:
+        fetch["allowed_hosts"] = frozenset(fetch["allowed_hosts"])
+    settings = {"served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
+                "fetch": fetch}
+
+    if args.layout == "disaggregated":
+        encoder = EncoderDeployment.options(**_options(args.encoder_replicas)).bind(encoder_config)
+        decoder = DecoderDeployment.options(**_options(args.decoder_replicas)).bind(decoder_config)
+    else:
+        if args.encoder_replicas or args.decoder_replicas:
+            raise ValueError("encoder_replicas/decoder_replicas: the colocated layout has one "
+                             "deployment; set its replicas in the Serve config")
+        encoder = decoder = ColocatedDeployment.bind(encoder_config, decoder_config)
+    return RouterDeployment.options(**_options(args.router_replicas)).bind(encoder, decoder, settings)
+

@@ -1,0 +1,52 @@
+"""The colocated layout: one replica holds both halves (for comparison with the
+disaggregated default). It answers the encoder's and the decoder's calls, so the
+router is the same; embeddings still go through Ray's object store, which is
+zero-copy within a process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from decoder_service.config import DecoderConfig
+from decoder_service.service import DecoderService
+from deploy.decoder import decoder_info
+from encoder_service.config import EncoderConfig
+from encoder_service.service import EncoderService
+from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+from runtime.object_store import RayObjectStore
+
+
+class ColocatedServer:
+    def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig) -> None:
+        store = RayObjectStore()
+        self.encoder = EncoderService(encoder, store)
+        self.decoder = DecoderService(decoder, store)
+
+    async def encode(self, images: list[bytes], request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
+        return await self.encoder.encode(images, request_id)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        async for chunk in self.decoder.generate(request):
+            yield chunk
+
+    def info(self) -> dict:
+        return {**decoder_info(self.decoder), "fingerprint": self.encoder.fingerprint}
+
+    def stats(self) -> dict:
+        encoder, decoder = self.encoder.stats(), self.decoder.stats()
+        return {**encoder, **decoder, "compilations_after_warmup":
+                encoder.get("compilations_after_warmup", 0) + decoder["compilations_after_warmup"]}
+
+    def check_health(self) -> None:
+        if not (self.encoder.is_ready and self.decoder.is_ready):
+            raise RuntimeError("colocated replica is not ready")
+
+    def __del__(self) -> None:
+        for service in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
+            if service is not None:
+                (getattr(service, "close", None) or service.shutdown)()
+
+
+ColocatedDeployment = serve.deployment(name="colocated", max_ongoing_requests=128)(ColocatedServer)

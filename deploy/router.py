@@ -1,0 +1,126 @@
+"""Serve wiring of the router: the HTTP ingress (FastAPI through `serve.ingress`) and the
+Python handle API, both over one `RouterService`.
+
+The service is built on first use, from what the encoder and decoder deployments
+report (`info()`), after checking that they serve the same model with matching
+shapes. Handle API, from another Serve app or a driver:
+
+    handle = serve.get_app_handle("splitserve")
+    reply = await handle.chat.remote({"messages": [...]})                    # a dict
+    async for chunk in handle.options(stream=True).chat.remote({..., "stream": True}):
+        ...                                                                  # chunk dicts
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from router import http_api
+from router.images import FetchPolicy
+from router.schemas import ChatCompletionRequest
+from router.service import RouterConfig, RouterService
+from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+
+HEALTH_TIMEOUT_S = 5.0
+
+http_app = FastAPI(title="splitserve", description="OpenAI-compatible VLM serving, encoder and "
+                   "decoder disaggregated")
+http_app.router.redirect_slashes = False
+http_api.install_error_handlers(http_app)
+
+
+class HandleEncoder:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def encode(self, images: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]:
+        return await self.handle.encode.remote(images, request_id)
+
+
+class HandleDecoder:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        stream = self.handle.generate.remote(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            stream.cancel()  # no-op once finished; otherwise the replica aborts the sequence
+
+
+def check_pairing(encoder: dict, decoder: dict) -> None:
+    """The encoder and decoder must agree on the model and its shapes."""
+    for key in ("model_id", "hidden_size", "tokens_per_image"):
+        if encoder[key] != decoder[key]:
+            raise ValueError(f"encoder and decoder disagree on {key}: {encoder[key]!r} vs {decoder[key]!r}")
+
+
+@serve.ingress(http_app)
+class RouterServer:
+    def __init__(self, encoder: DeploymentHandle, decoder: DeploymentHandle, settings: dict) -> None:
+        self._encoder = encoder
+        self._decoder = decoder
+        self._settings = settings
+        self._service: RouterService | None = None
+        self._lock = asyncio.Lock()
+
+    async def service(self) -> RouterService:
+        async with self._lock:
+            if self._service is None:
+                encoder, decoder = await asyncio.gather(self._encoder.info.remote(),
+                                                        self._decoder.info.remote())
+                check_pairing(encoder, decoder)
+                s = self._settings
+                config = RouterConfig(
+                    model_id=decoder["model_id"], served_model_name=s["served_model_name"],
+                    model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
+                    max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
+                    fetch=FetchPolicy(**s.get("fetch", {})))
+                self._service = RouterService(config, HandleEncoder(self._encoder), HandleDecoder(self._decoder))
+        return self._service
+
+    @http_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        return await http_api.chat_completions(await self.service(), body)
+
+    @http_app.get("/v1/models")
+    async def models(self) -> dict:
+        return http_api.models(await self.service())
+
+    @http_app.get("/health")
+    async def health(self):
+        """200 once the encoder and decoder replicas are warm (they answer only after warm-up)."""
+        try:
+            stats = await asyncio.wait_for(self.stats(), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001: any failure means not ready
+            return http_api.error_response(503, f"not ready: {type(exc).__name__}: {exc}", "unavailable")
+        return {"status": "ok", "compilations_after_warmup": {
+            "encoder": stats["encoder"].get("compilations_after_warmup"),
+            "decoder": stats["decoder"].get("compilations_after_warmup")}}
+
+    async def stats(self) -> dict:
+        service = await self.service()
+        encoder, decoder = await asyncio.gather(self._encoder.stats.remote(), self._decoder.stats.remote())
+        return {"router": dict(service.counters), "encoder": encoder, "decoder": decoder}
+
+    async def chat(self, body: dict | ChatCompletionRequest):
+        """Handle API: a dict (or ChatCompletionRequest) in; a completion dict out, or, with
+        `"stream": true` and `handle.options(stream=True)`, an async generator of chunk dicts."""
+        if isinstance(body, dict):
+            body = ChatCompletionRequest.model_validate(body)
+        service = await self.service()
+        if not body.stream:
+            return (await service.complete(body)).model_dump(exclude_none=True)
+        chunks = await service.stream(body)
+
+        async def dicts():
+            async for chunk in chunks:
+                yield chunk.model_dump(exclude_none=True)
+        return dicts()

@@ -1,0 +1,68 @@
+"""Decoder chunks to OpenAI response objects (whole completions and stream chunks)."""
+
+from __future__ import annotations
+
+from router.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+    now,
+)
+from runtime.messages import GenerateChunk, TokenLogprob
+
+
+class ResponseBuilder:
+    def __init__(self, tokenizer, model_name: str) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    def _token(self, token_id: int) -> TopLogprob:
+        text = self.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=0.0, bytes=list(text.encode()))
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        content = []
+        for e in entries:
+            token = self._token(e.token_id)
+            top = [self._token(i).model_copy(update={"logprob": lp}) for i, lp in e.top]
+            content.append(TokenLogprobOut(token=token.token, bytes=token.bytes, logprob=e.logprob,
+                                           top_logprobs=top))
+        return ChoiceLogprobs(content=content)
+
+    @staticmethod
+    def usage(last: GenerateChunk) -> Usage:
+        return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                     total_tokens=last.prompt_tokens + last.completion_tokens)
+
+    def completion(self, request_id: str, chunks: list[GenerateChunk], logprobs: bool) -> ChatCompletion:
+        last = chunks[-1]
+        entries = [e for c in chunks for e in (c.logprobs or ())]
+        choice = Choice(message=AssistantMessage(content="".join(c.text for c in chunks)),
+                        finish_reason=last.finish_reason,
+                        logprobs=self._logprobs(entries) if logprobs else None)
+        return ChatCompletion(id=request_id, created=now(), model=self.model_name, choices=[choice],
+                              usage=self.usage(last))
+
+    def _chunk(self, request_id: str, created: int, choices: list[ChunkChoice],
+               usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
+                                   choices=choices, usage=usage)
+
+    def first_chunk(self, request_id: str, created: int) -> ChatCompletionChunk:
+        return self._chunk(request_id, created, [ChunkChoice(delta=Delta(role="assistant", content=""))])
+
+    def delta_chunk(self, request_id: str, created: int, chunk: GenerateChunk,
+                    logprobs: bool) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=Delta(content=chunk.text), finish_reason=chunk.finish_reason,
+                             logprobs=self._logprobs(list(chunk.logprobs or ())) if logprobs else None)
+        return self._chunk(request_id, created, [choice])
+
+    def usage_chunk(self, request_id: str, created: int, last: GenerateChunk) -> ChatCompletionChunk:
+        return self._chunk(request_id, created, [], usage=self.usage(last))

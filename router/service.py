@@ -1,0 +1,201 @@
+"""The router as a plain class: one chat request in, OpenAI responses out.
+
+Per request: render and tokenize the prompt; load each image's bytes; key them
+(`runtime.image_key`, the encoder's own key); images the router has seen recently
+reuse their embedding reference and skip the encoder; the rest go to the encoder
+in one call; then token ids plus references go to a decoder replica, whose chunks
+stream back. An embedding that vanished (its owner died) is re-encoded once.
+
+Runs on the caller's asyncio loop; the encoder and decoder are reached through
+the small client protocols below, so the same class serves behind Ray Serve
+handles (`deploy/`) or in one process (tests, colocated layout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from router.images import FetchPolicy, ImageInputError, load_image
+from router.prompt import PromptBuilder
+from router.responses import ResponseBuilder
+from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
+from runtime.image_key import image_cache_key
+from runtime.messages import (
+    EmbeddingLostError,
+    EmbeddingRef,
+    GenerateChunk,
+    GenerateRequest,
+    ItemError,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EncoderClient(Protocol):
+    async def encode(self, images: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]: ...
+
+
+class DecoderClient(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request: GenerateRequest
+    blobs: list[bytes]  # the images' original bytes, kept to encode again if needed
+    fields: list[str]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_id: str  # the checkpoint as the services know it
+    served_model_name: str  # what clients put in "model"
+    model_path: str  # where the processor (template, tokenizer) is read from
+    preprocess_fingerprint: str  # the encoder's, so image keys match its cache
+    max_model_len: int
+    max_images_per_request: int = 4
+    fetch: FetchPolicy = FetchPolicy()
+    known_refs: int = 1024  # image keys whose references the router remembers
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig, encoder: EncoderClient, decoder: DecoderClient) -> None:
+        from transformers import AutoProcessor
+
+        self.config = config
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path))
+        self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
+        self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
+        self._http = httpx.AsyncClient()
+        self.counters = {"router_image_hits": 0, "encoder_calls": 0, "images_encoded": 0,
+                         "reencoded_lost": 0}
+
+    # --- public ------------------------------------------------------------------------
+    async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
+        request_id = request_id or completion_id()
+        prepared = await self._prepare(body, request_id)
+        chunks = [chunk async for chunk in self._generate(prepared)]
+        return self.responses.completion(request_id, chunks, body.logprobs)
+
+    async def stream(self, body: ChatCompletionRequest,
+                     request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks in OpenAI order. Validation happens before the first one is yielded."""
+        request_id = request_id or completion_id()
+        prepared = await self._prepare(body, request_id)
+        return self._stream(body, prepared)
+
+    async def _stream(self, body: ChatCompletionRequest, prepared: _Prepared):
+        request_id = prepared.request.request_id
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        created = now()
+        yield self.responses.first_chunk(request_id, created)
+        last = None
+        async for chunk in self._generate(prepared):
+            last = chunk
+            if chunk.text or chunk.finish_reason or chunk.logprobs:
+                yield self.responses.delta_chunk(request_id, created, chunk, body.logprobs)
+        if include_usage and last is not None:
+            yield self.responses.usage_chunk(request_id, created, last)
+
+    def check_model(self, name: str | None) -> None:
+        if name not in (None, "", self.config.served_model_name, self.config.model_id):
+            raise ModelNotFound(f"model: {name!r} is not served here; this server serves "
+                                f"{self.config.served_model_name!r}")
+
+    # --- steps -------------------------------------------------------------------------
+    async def _prepare(self, body: ChatCompletionRequest, request_id: str) -> _Prepared:
+        self.check_model(body.model)
+        prompt = self.prompts.build(body.messages)
+        if len(prompt.images) > self.config.max_images_per_request:
+            raise ValueError(f"messages: at most {self.config.max_images_per_request} images per "
+                             f"request, got {len(prompt.images)}")
+        room = self.config.max_model_len - len(prompt.token_ids)
+        if room < 1:
+            raise ValueError(f"messages: the prompt has {len(prompt.token_ids)} tokens, the context "
+                             f"holds {self.config.max_model_len}")
+        max_tokens = body.max_completion_tokens or body.max_tokens or room
+        if max_tokens > room:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise ValueError(f"{field}: {max_tokens} tokens do not fit: the prompt has "
+                             f"{len(prompt.token_ids)} tokens and the context holds "
+                             f"{self.config.max_model_len}")
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
+            seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos,
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+        blobs = await asyncio.gather(*(load_image(s.url, s.field, self.config.fetch, self._http)
+                                       for s in prompt.images))
+        fields = [s.field for s in prompt.images]
+        refs = await self._embed(list(blobs), fields, request_id)
+        request = GenerateRequest(request_id, tuple(prompt.token_ids), tuple(refs), sampling)
+        return _Prepared(request, list(blobs), fields)
+
+    def _keys(self, blobs: list[bytes]) -> list[str]:
+        return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
+
+    async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str) -> list[EmbeddingRef]:
+        keys = self._keys(blobs)
+        refs: list[EmbeddingRef | None] = [self._known.get(k) for k in keys]
+        self.counters["router_image_hits"] += sum(r is not None for r in refs)
+        missing = [i for i, r in enumerate(refs) if r is None]
+        if missing:
+            self.counters["encoder_calls"] += 1
+            self.counters["images_encoded"] += len(missing)
+            results = await self.encoder.encode([blobs[i] for i in missing], request_id)
+            for i, result in zip(missing, results):
+                if isinstance(result, ItemError):
+                    raise ImageInputError(fields[i], result.message)
+                refs[i] = result
+                self._remember(keys[i], result)
+        return refs  # type: ignore[return-value]
+
+    def _remember(self, key: str, ref: EmbeddingRef) -> None:
+        self._known[key] = ref
+        self._known.move_to_end(key)
+        while len(self._known) > self.config.known_refs:
+            self._known.popitem(last=False)
+
+    async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
+        """Decoder chunks. If an embedding was lost before the first chunk (its owner died),
+        the images are encoded again and the request retried, once."""
+        request = prepared.request
+        for attempt in range(2):
+            stream = self.decoder.generate(request)
+            try:
+                first = await anext(stream)
+            except EmbeddingLostError:
+                if attempt or not prepared.blobs:
+                    raise
+                log.warning("request %s: an image embedding was lost; encoding again", request.request_id)
+                self.counters["reencoded_lost"] += 1
+                for key in self._keys(prepared.blobs):
+                    self._known.pop(key, None)
+                refs = await self._embed(prepared.blobs, prepared.fields, request.request_id)
+                request = dataclasses.replace(request, images=tuple(refs))
+                continue
+            try:
+                yield first
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()  # a client that left cancels its decode now
+            return
+
+    async def close(self) -> None:
+        await self._http.aclose()

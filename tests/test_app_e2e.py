@@ -1,0 +1,196 @@
+"""The whole app on Ray Serve (router + encoder + decoder), through the official OpenAI client."""
+
+import asyncio
+import http.server
+import io
+import threading
+import time
+
+import httpx
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from deploy.app import build_app
+from tests.support import image_data_url, wait_http_ok
+
+APP = "splitserve"
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_serve, serve_http_port, tiny_checkpoint):
+    app = build_app({
+        "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
+        "decoder": {"max_model_len": 256, "max_num_seqs": 4}, "encoder": {"max_batch_items": 4},
+        "fetch": {"allowed_hosts": ["127.0.0.1"]}})
+    ray_serve.run(app, name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{serve_http_port}"
+    wait_http_ok(f"{url}/health", timeout_s=300)
+    yield url
+    ray_serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def image_server(photos):
+    """A local http server with one PNG, for `http://` image URLs."""
+    buffer = io.BytesIO()
+    photos[2].save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    server.shutdown()
+
+
+def _user(*parts):
+    content = [{"type": "image_url", "image_url": {"url": p}} if p.startswith(("data:", "http"))
+               else {"type": "text", "text": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def _stats():
+    from ray import serve
+
+    return serve.get_app_handle(APP).stats.remote().result()
+
+
+def test_models_and_health(client, app_url):
+    assert [m.id for m in client.models.list().data] == ["llava-tiny"]
+    health = httpx.get(f"{app_url}/health").json()
+    assert health["status"] == "ok"
+    assert health["compilations_after_warmup"] == {"encoder": 0, "decoder": 0}
+
+
+def test_text_only_chat(client):
+    reply = client.chat.completions.create(model="llava-tiny", messages=[
+        {"role": "user", "content": "Tell me about cats."}], max_tokens=8, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.created > 0
+
+
+def test_images_from_data_urls_and_http(client, photos, image_server):
+    one = client.chat.completions.create(model="llava-tiny", messages=_user(
+        image_data_url(photos[0]), "What is this?"), max_tokens=6, temperature=0)
+    two = client.chat.completions.create(model="llava-tiny", messages=_user(
+        image_data_url(photos[0]), image_data_url(photos[1]), "What is this?"), max_tokens=6, temperature=0)
+    fetched = client.chat.completions.create(model="llava-tiny", messages=_user(
+        image_server, "What is this?"), max_tokens=6, temperature=0)
+    assert two.usage.prompt_tokens - one.usage.prompt_tokens == 16  # one more image
+    assert fetched.usage.prompt_tokens == one.usage.prompt_tokens
+    # Different images, different answers (the checkpoint is random, but not blind).
+    assert len({one.choices[0].message.content, fetched.choices[0].message.content}) == 2
+
+
+def test_streaming_matches_the_whole_answer(client, photos):
+    messages = _user(image_data_url(photos[3]), "Describe the picture.")
+    whole = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=12,
+                                           temperature=0)
+    stream = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_repeated_image_skips_the_encoder(client, photos):
+    messages = _user(image_data_url(photos[1], fmt="JPEG"), "Again?")
+    before = _stats()
+    for _ in range(2):
+        client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=2)
+    after = _stats()
+    assert after["router"]["images_encoded"] - before["router"]["images_encoded"] == 1
+    assert after["router"]["router_image_hits"] - before["router"]["router_image_hits"] == 1
+
+
+def test_greedy_answers_equal_transformers_serve(client, transformers_server, tiny_checkpoint, photos):
+    peer = OpenAI(base_url=transformers_server, api_key="unused", max_retries=0)
+    conversations = [
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        _user(image_data_url(photos[0]), "What is in this picture?"),
+        _user(image_data_url(photos[2]), "and", image_data_url(photos[3]), "Which is bigger?"),
+    ]
+    for messages in conversations:
+        ours = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=16,
+                                              temperature=0)
+        theirs = peer.chat.completions.create(model=str(tiny_checkpoint), messages=messages,
+                                              max_tokens=16, temperature=0)
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+        assert ours.choices[0].message.content == theirs.choices[0].message.content
+
+
+def test_bad_input_is_a_400_that_names_the_field(client):
+    with pytest.raises(BadRequestError, match="temperature"):
+        client.chat.completions.create(model="llava-tiny", messages=_user("hi"), temperature=7)
+    with pytest.raises(BadRequestError, match=r"messages\.0\.content\.0\.image_url"):
+        client.chat.completions.create(model="llava-tiny", messages=_user("data:image/png;base64,@@@"))
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="llava-tiny", messages=_user("hi"), max_tokens=100_000)
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=_user("hi"))
+    assert client.chat.completions.create(model="llava-tiny", messages=_user("hi"), max_tokens=2).choices
+
+
+def test_handle_api_from_another_serve_app(ray_serve, app_url, photos):
+    from ray import serve
+
+    @serve.deployment
+    class Caller:
+        async def __call__(self, url: str) -> dict:
+            handle = serve.get_app_handle(APP)
+            request = {"messages": _user(url, "What is this?"), "max_tokens": 5, "temperature": 0}
+            whole = await handle.chat.remote(request)
+            pieces = [c async for c in handle.options(stream=True).chat.remote({**request, "stream": True})]
+            return {"whole": whole, "pieces": pieces}
+
+    caller = ray_serve.run(Caller.bind(), name="caller", route_prefix=None)
+    try:
+        out = caller.remote(image_data_url(photos[0])).result(timeout_s=120)
+    finally:
+        ray_serve.delete("caller")
+    streamed = "".join(p["choices"][0]["delta"].get("content", "") for p in out["pieces"] if p["choices"])
+    assert out["whole"]["choices"][0]["message"]["content"] == streamed
+    assert out["whole"]["usage"]["completion_tokens"] >= 1
+
+
+def test_client_disconnect_frees_the_decode_slot(app_url):
+    async def leave_mid_stream():
+        async with httpx.AsyncClient(base_url=app_url, timeout=60) as http:
+            body = {"model": "llava-tiny", "messages": _user("Go on forever."), "max_tokens": 200,
+                    "temperature": 0, "ignore_eos": True, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                seen = 0
+                async for line in response.aiter_lines():
+                    seen += line.startswith("data:")
+                    if seen >= 3:
+                        return  # leave mid-stream
+
+    before = _stats()["decoder"]["generated_tokens"]
+    asyncio.run(leave_mid_stream())
+    deadline = time.monotonic() + 10
+    while _stats()["decoder"]["slots_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = _stats()["decoder"]
+    assert stats["slots_in_use"] == 0
+    assert stats["generated_tokens"] - before < 200  # it stopped well before max_tokens
