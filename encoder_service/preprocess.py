@@ -34,7 +34,11 @@ class Preprocessor:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Pixels [3, S, S] float32 for the image file `data`."""
-        return self.pixels_of(self.decode(data))
+        image = self.decode(data)
+        try:
+            return self.pixels_of(image)
+        except Exception as error:  # e.g. a 1-pixel-high image the resize cannot handle
+            raise ImageRejected(f"could not be preprocessed ({type(error).__name__}: {error})") from error
 
     def check_bytes(self, data) -> None:
         """Refuses what is not bytes or is over `max_image_bytes`, before anything reads it."""

@@ -103,10 +103,11 @@ class EncoderService:
                     wait = await asyncio.shield(asyncio.wrap_future(wait))
                 results.append(wait)
             except ImageRejected as error:
-                results.append(self._item_error(index, request_id, str(error)))
+                results.append(self._item_error(index, request_id, str(error), retryable=False))
             except Exception as error:  # a failed device step or store put: this item only
                 log.error("encoder: image %d of request %s failed: %r", index, request_id, error)
-                results.append(self._item_error(index, request_id, f"encoding failed ({error})"))
+                results.append(self._item_error(index, request_id, f"encoding failed ({error})",
+                                                retryable=True))
         return results
 
     def stats(self) -> dict:
@@ -161,7 +162,9 @@ class EncoderService:
                              hidden_size=self.hidden_size, dtype=EMBEDDING_DTYPE,
                              model_id=self.model_id)
 
-    def _item_error(self, index: int, request_id: str | None, reason: str) -> ItemError:
+    def _item_error(self, index: int, request_id: str | None, reason: str, *,
+                    retryable: bool) -> ItemError:
+        """Bad input is final; a failure of the service itself may pass on another try."""
         self._item_errors += 1
         where = f"image {index}" + (f" of request {request_id}" if request_id else "")
-        return ItemError(index=index, message=f"{where}: {reason}")
+        return ItemError(index=index, message=f"{where}: {reason}", retryable=retryable)

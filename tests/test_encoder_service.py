@@ -128,6 +128,7 @@ async def test_bad_items_fail_alone(service, store, reference, photos):
     results = await service.encode(batch, request_id="req-7")
     errors = {r.index: r.message for r in results if isinstance(r, ItemError)}
     assert set(errors) == {1, 2, 3, 4}
+    assert not any(r.retryable for r in results if isinstance(r, ItemError))  # bad input is final
     assert errors[1].startswith("image 1 of request req-7: not a decodable image")
     assert "over the limit of 1000000 bytes (max_image_bytes)" in errors[2]
     assert errors[3].startswith("image 3 of request req-7: not an image")
@@ -183,3 +184,21 @@ async def test_cache_evicts_by_bytes_and_frees_the_array(tiny_checkpoint):
     assert not small.is_ready
     with pytest.raises(RuntimeError, match="closed"):
         await small.encode(images[:1])
+
+
+async def test_a_service_failure_is_a_retryable_item_error(tiny_checkpoint):
+    class FullStore(LocalObjectStore):
+        def put(self, array):
+            raise RuntimeError("object store is full")
+
+    broken = EncoderService(EncoderConfig(model=str(tiny_checkpoint), strict_compile=True), FullStore())
+    try:
+        image = _noise_png(600)
+        [result] = await broken.encode([image], request_id="r")
+        assert isinstance(result, ItemError) and result.retryable
+        assert result.message == "image 0 of request r: encoding failed (object store is full)"
+        assert broken.stats()["entries"] == 0  # nothing cached: the next try computes again
+        [again] = await broken.encode([image])
+        assert isinstance(again, ItemError) and broken.stats()["misses"] == 2
+    finally:
+        broken.close()

@@ -253,6 +253,19 @@ def test_a_pixel_bomb_is_refused_from_its_header(preprocessor, monkeypatch):
         preprocessor(bomb)
 
 
+def test_a_processor_failure_rejects_the_image():
+    class Picky:  # a processor that cannot handle 5x5 images
+        def __call__(self, images, return_tensors):
+            if images[0].size == (5, 5):
+                raise ValueError("too small to crop")
+            return {"pixel_values": np.zeros((1, 3, 8, 8), np.float32)}
+
+    preprocessor = Preprocessor(Picky(), 8, max_image_bytes=10_000, max_image_pixels=10_000)
+    assert preprocessor(_png(Image.new("RGB", (6, 6)))).shape == (3, 8, 8)
+    with pytest.raises(ImageRejected, match=r"could not be preprocessed \(ValueError: too small to crop\)"):
+        preprocessor(_png(Image.new("RGB", (5, 5))))
+
+
 def test_feature_layers_resolve_to_absolute_hidden_state_indices():
     assert feature_layer_indices(-2, 24) == (23,)
     assert feature_layer_indices([-1, 0, 5], 12) == (12, 0, 5)
