@@ -26,7 +26,9 @@ from deploy.encoder import EncoderDeployment
 from deploy.router import RouterServer
 from encoder_service.config import EncoderConfig
 
-RouterDeployment = serve.deployment(name="router", max_ongoing_requests=512)(RouterServer)
+# The router only waits on I/O: it asks for no CPU, so it always fits beside the services.
+RouterDeployment = serve.deployment(name="router", max_ongoing_requests=512,
+                                    ray_actor_options={"num_cpus": 0})(RouterServer)
 
 
 class AppArgs(BaseModel):

@@ -70,6 +70,9 @@ class RouterServer:
         self._settings = settings
         self._service: RouterService | None = None
         self._lock = asyncio.Lock()
+        # Serve runs the constructor on the replica's event loop: start building the service
+        # now, so the first request does not pay for loading the processor.
+        self._warming = asyncio.get_event_loop().create_task(self.service())
 
     async def service(self) -> RouterService:
         async with self._lock:
