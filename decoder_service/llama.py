@@ -148,11 +148,13 @@ class LlamaTextModel(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h.index_select(0, last_index))).float()
 
-    def decode(self, token_ids, positions, slots, attention_len: int, cos_table, sin_table,
+    def decode(self, token_ids, positions, slots, key_positions, cos_table, sin_table,
                cache: KVCache) -> torch.Tensor:
-        """token_ids, positions, slots: [B]; returns logits [B, vocab]."""
+        """token_ids, positions, slots: [B]; key_positions: [attention_len], 0..A-1 (a static
+        length: one graph per attention-length bucket). Returns logits [B, vocab]."""
+        attention_len = key_positions.shape[0]
         cos, sin = cos_table[positions], sin_table[positions]
-        mask = torch.arange(attention_len, device=positions.device)[None, :] <= positions[:, None]
+        mask = key_positions[None, :] <= positions[:, None]
         h = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
             h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, mask, cache, i,

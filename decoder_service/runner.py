@@ -25,7 +25,7 @@ from decoder_service.image_merge import merge_image_rows
 from decoder_service.inputs import DecodeInputs, PrefillInputs
 from decoder_service.kv_cache import KVCache
 from decoder_service.llama import LlamaTextModel, rotary_table
-from decoder_service.sampler import SamplingRows, sample
+from decoder_service.sampler import SamplingRows, index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
@@ -53,6 +53,9 @@ class ModelRunner:
         self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
         cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len, self.model.rope_theta)
         self.cos, self.sin = cos.to(device.torch_device), sin.to(device.torch_device)
+        # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
+        self.key_positions = torch.arange(self.shapes.max_model_len).to(device.torch_device)
+        self.sampler_indices = index_tensors(self.vocab_size, device.torch_device)
         self.cache = KVCache(num_layers=len(self.model.layers), num_slots=config.max_num_seqs,
                              max_model_len=self.shapes.max_model_len,
                              num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
@@ -81,7 +84,7 @@ class ModelRunner:
                                       d(inputs.is_image))
         logits = self.model.prefill(embeds, d(inputs.positions), d(inputs.slots), d(inputs.segments),
                                     d(inputs.last_index), self.cos, self.sin, self.cache)
-        out = sample(logits, **inputs.sampling.to(self.device.torch_device))
+        out = sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
         return self._finish(out, "prefill tokens=%d image_rows=%d" % inputs.graph)
 
     @torch.no_grad()
@@ -89,8 +92,9 @@ class ModelRunner:
         """Returns sampled rows [batch bucket, ...]."""
         d = self._to_device
         logits = self.model.decode(d(inputs.token_ids), d(inputs.positions), d(inputs.slots),
-                                   inputs.attention_len, self.cos, self.sin, self.cache)
-        out = sample(logits, **inputs.sampling.to(self.device.torch_device))
+                                   self.key_positions[:inputs.attention_len], self.cos, self.sin,
+                                   self.cache)
+        out = sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
         return self._finish(out, f"decode batch={len(inputs.token_ids)} attention_len={inputs.attention_len}")
 
     def _finish(self, out: torch.Tensor, what: str) -> np.ndarray:

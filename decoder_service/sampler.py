@@ -31,9 +31,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor,
-                  vocab_size: int) -> torch.Tensor:
-    """u in (0, 1): [N, vocab], a pure function of (seed, step, token id). All int32."""
-    token = torch.arange(vocab_size, device=step.device, dtype=torch.int32)[None, :]
+                  token_ids: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1): [N, V], a pure function of (seed, step, token id). All int32.
+    token_ids: [V] int32, 0..V-1 (made once: `torch.arange` on XLA costs milliseconds a call)."""
+    token = token_ids[None, :]
     row = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32(step)))
     x = _mix32(row[:, None] ^ (token * -0x61C88647))  # golden-ratio stride, as signed int32
     return (((x >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / (1 << 24))
@@ -72,7 +73,14 @@ class SamplingRows:
                 for name in ("temperature", "top_p", "top_k", "seed_lo", "seed_hi", "step")}
 
 
-def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, step) -> torch.Tensor:
+def index_tensors(vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The constant index vectors `sample` needs, made once per device."""
+    return {"token_ids": torch.arange(vocab_size, dtype=torch.int32).to(device),
+            "ranks": torch.arange(min(MAX_CANDIDATES, vocab_size), dtype=torch.int32).to(device)}
+
+
+def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, step, *,
+           token_ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """logits: [N, V] float32. Returns [N, 2 + 2*MAX_TOP_LOGPROBS] float32, one row per
     sequence: sampled token id, its logprob, top token ids, top logprobs (ids are exact in
     float32 for vocabularies under 2**24). One output tensor: one transfer to the host.
@@ -85,15 +93,13 @@ def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, st
     greedy = torch.argmax(logits, dim=-1)
 
     scaled = logits / torch.clamp(temperature, min=1e-5)[:, None]
-    gumbel = -torch.log(-torch.log(uniform_noise(seed_lo, seed_hi, step, vocab)))
+    gumbel = -torch.log(-torch.log(uniform_noise(seed_lo, seed_hi, step, token_ids)))
     unrestricted = torch.argmax(scaled + gumbel, dim=-1)
 
-    candidates = min(MAX_CANDIDATES, vocab)
-    cand_logits, cand_ids = torch.topk(scaled, candidates, dim=-1)  # [N, C], best first
+    cand_logits, cand_ids = torch.topk(scaled, ranks.shape[0], dim=-1)  # [N, C], best first
     cand_probs = torch.exp(cand_logits - torch.logsumexp(scaled, dim=-1, keepdim=True))
     mass_before = torch.cumsum(cand_probs, dim=-1) - cand_probs
-    rank = torch.arange(candidates, device=logits.device, dtype=torch.int32)[None, :]
-    keep = (rank < top_k[:, None]) & (mass_before < top_p[:, None])  # rank 0 always kept
+    keep = (ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])  # rank 0 always kept
     cand_scores = torch.where(keep, cand_logits + gumbel.gather(1, cand_ids),
                               torch.full_like(cand_logits, float("-inf")))
     limited = cand_ids.gather(1, torch.argmax(cand_scores, dim=-1, keepdim=True))[:, 0]

@@ -8,7 +8,7 @@ import torch
 from decoder_service.config import DecoderConfig, derive_shapes
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.image_merge import build_image_index, merge_image_rows
-from decoder_service.sampler import SamplingRows, sample, split_seed, uniform_noise, unpack
+from decoder_service.sampler import SamplingRows, index_tensors, sample, split_seed, uniform_noise, unpack
 from decoder_service.scheduler import Scheduler, Sequence, SeqStatus
 from deploy.demo_checkpoint import build_tokenizer
 from runtime.messages import SamplingParams
@@ -102,16 +102,20 @@ def _rows(n, temperature=1.0, top_p=1.0, top_k=0, seed=0, step=0, vocab=50):
     return rows.to(torch.device("cpu"))
 
 
+def _sample(logits, rows):
+    return sample(logits, **rows, **index_tensors(logits.shape[-1], torch.device("cpu")))
+
+
 def test_sampler_greedy_top_k_and_top_p_limits():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     greedy = logits.argmax(-1).tolist()
     for params in (dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)):
-        rows = unpack(sample(logits, **_rows(4, **params)).numpy(), 4)
+        rows = unpack(_sample(logits, _rows(4, **params)).numpy(), 4)
         assert [r.token_id for r in rows] == greedy, params
     # top_k=3: every draw is among the 3 best tokens of its row
     top3 = logits.topk(3).indices
     for seed in range(20):
-        rows = unpack(sample(logits, **_rows(4, top_k=3, seed=seed)).numpy(), 4)
+        rows = unpack(_sample(logits, _rows(4, top_k=3, seed=seed)).numpy(), 4)
         assert all(r.token_id in top3[i].tolist() for i, r in enumerate(rows))
 
 
@@ -119,7 +123,8 @@ def _noise(seeds, steps, vocab):
     halves = [split_seed(s) for s in seeds]
     lo = torch.tensor([h[0] for h in halves], dtype=torch.int32)
     hi = torch.tensor([h[1] for h in halves], dtype=torch.int32)
-    return uniform_noise(lo, hi, torch.tensor(steps, dtype=torch.int32), vocab)
+    return uniform_noise(lo, hi, torch.tensor(steps, dtype=torch.int32),
+                         torch.arange(vocab, dtype=torch.int32))
 
 
 def test_sampler_noise_depends_only_on_seed_step_and_token():
@@ -136,7 +141,7 @@ def test_sampler_noise_depends_only_on_seed_step_and_token():
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1] + [1e-12] * 5]))
-    draws = [unpack(sample(logits, **_rows(1, seed=s, vocab=8)).numpy(), 1)[0].token_id
+    draws = [unpack(_sample(logits, _rows(1, seed=s, vocab=8)).numpy(), 1)[0].token_id
              for s in range(600)]
     freq = np.bincount(draws, minlength=8) / len(draws)
     np.testing.assert_allclose(freq, [0.7, 0.2, 0.1] + [0] * 5, atol=0.06)
