@@ -194,3 +194,25 @@ def test_client_disconnect_frees_the_decode_slot(app_url):
     stats = _stats()["decoder"]
     assert stats["slots_in_use"] == 0
     assert stats["generated_tokens"] - before < 200  # it stopped well before max_tokens
+
+
+def test_colocated_layout_answers_like_the_disaggregated_one(ray_serve, client, serve_http_port,
+                                                            tiny_checkpoint, photos):
+    colocated = build_app({
+        "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "layout": "colocated",
+        "strict_compile": True, "decoder": {"max_model_len": 256, "max_num_seqs": 4},
+        "encoder": {"max_batch_items": 4}})
+    ray_serve.run(colocated, name="colocated", route_prefix="/colocated")
+    try:
+        base = f"http://127.0.0.1:{serve_http_port}/colocated"
+        wait_http_ok(f"{base}/health", timeout_s=300)
+        other = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        messages = _user(image_data_url(photos[2]), "What is in this picture?")
+        ours = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=10,
+                                              temperature=0)
+        theirs = other.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=10,
+                                               temperature=0)
+        assert theirs.choices[0].message.content == ours.choices[0].message.content
+        assert theirs.usage == ours.usage
+    finally:
+        ray_serve.delete("colocated")
