@@ -55,6 +55,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Drives an OpenAI-compatible endpoint; prints the summary, writes JSON (+ PNG)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from deploy.bench import BenchConfig, WorkloadSpec, format_table, plot_png, run_bench, write_json
+
+    workload = WorkloadSpec(num_requests=args.num_requests, images_per_request=args.images_per_request,
+                            repeat_ratio=args.repeat_ratio, prompt_words=args.prompt_words,
+                            output_tokens=args.output_tokens, image_max_side=args.image_max_side,
+                            seed=args.seed)
+    config = BenchConfig(
+        base_url=args.base_url, workload=workload, model=args.model,
+        max_concurrency=args.concurrency or None,
+        request_rate=args.request_rate if args.request_rate is not None else math.inf,
+        ignore_eos=args.ignore_eos, temperature=args.temperature,
+        extra_body=json.loads(args.extra_body) if args.extra_body else {},
+        warmup_requests=args.warmup_requests, timeout_s=args.timeout_s,
+        request_timeout_s=args.request_timeout_s, label=args.label)
+    report, _ = run_bench(config)
+    print(format_table(report), flush=True)
+    stem = args.out.removesuffix(".json")
+    print(f"wrote {write_json(report, Path(stem + '.json'))}")
+    if not args.no_plot:
+        print(f"wrote {plot_png(report, Path(stem + '.png'))}")
+    return 0 if report["completed"] else 1
+
+
 def _wait_healthy(url: str, stop, poll_s: float = 1.0) -> bool:
     import httpx
 
@@ -96,6 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
                        "instead of starting a local Ray")
     serve.add_argument("--verbose", action="store_true", help="show replica logs")
     serve.set_defaults(run=_serve)
+
+    bench = commands.add_parser(
+        "bench", help="load-test an OpenAI-compatible endpoint (splitserve, transformers serve, vLLM)",
+        description="Streams chat requests with images from a pool of real photos to BASE_URL and "
+        "reports throughput, TTFT, TPOT, ITL and errors, as `vllm bench serve` does.")
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                       help="the OpenAI base URL, ending in /v1")
+    bench.add_argument("--model", help="model name to send (default: the first that /v1/models "
+                       "lists; transformers serve wants the checkpoint path)")
+    bench.add_argument("--num-requests", type=int, default=32)
+    bench.add_argument("--concurrency", type=int, default=1,
+                       help="most requests in flight (0: no cap, needs --request-rate)")
+    bench.add_argument("--request-rate", type=float,
+                       help="requests/s with Poisson arrivals (default: send as fast as "
+                       "--concurrency allows)")
+    bench.add_argument("--images-per-request", type=int, default=1)
+    bench.add_argument("--repeat-ratio", type=float, default=0.0,
+                       help="probability that an image repeats one an earlier request sent")
+    bench.add_argument("--prompt-words", type=int, default=32)
+    bench.add_argument("--output-tokens", type=int, default=32, help="max_tokens of every request")
+    bench.add_argument("--ignore-eos", action="store_true",
+                       help="send ignore_eos: true (splitserve, vLLM) so every answer is "
+                       "--output-tokens long")
+    bench.add_argument("--extra-body", help="JSON object merged into every request body")
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--image-max-side", type=int, default=448)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--warmup-requests", type=int, default=0)
+    bench.add_argument("--timeout-s", type=float, default=600.0, help="bound on the whole run")
+    bench.add_argument("--request-timeout-s", type=float, default=300.0)
+    bench.add_argument("--label", default="")
+    bench.add_argument("--out", default="bench-result",
+                       help="output path stem: writes STEM.json and STEM.png")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.set_defaults(run=_bench)
     return parser
 
 
