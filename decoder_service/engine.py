@@ -96,6 +96,8 @@ class Engine:
                 self.scheduler.add(seq)
             elif (live := self._live.pop(arg, None)) is not None:
                 self.scheduler.finish(live.seq)
+                log.info("request %s aborted after %d tokens; slot freed", arg,
+                         len(live.seq.output_ids))
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to do."""
@@ -161,5 +163,7 @@ class Engine:
         if finish is not None:
             del self._live[seq.request_id]
             self.scheduler.finish(seq)
+            log.info("request %s finished (%s): %d prompt + %d generated tokens", seq.request_id,
+                     finish, len(seq.prompt_ids), len(seq.output_ids))
         live.sink(chunk)
 

@@ -12,6 +12,7 @@ from ray import serve
 from decoder_service.config import DecoderConfig
 from decoder_service.service import DecoderService
 from deploy.decoder import decoder_info
+from deploy.metrics import DECODER_SERIES, ENCODER_SERIES, StatsExporter
 from encoder_service.config import EncoderConfig
 from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
@@ -23,6 +24,7 @@ class ColocatedServer:
         store = RayObjectStore()
         self.encoder = EncoderService(encoder, store)
         self.decoder = DecoderService(decoder, store)
+        self._metrics = StatsExporter("colocated", self.stats, ENCODER_SERIES + DECODER_SERIES, buckets=True)
 
     async def encode(self, images: list[bytes], request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
         return await self.encoder.encode(images, request_id)

@@ -13,6 +13,8 @@ from ray import serve
 
 from decoder_service.config import DecoderConfig
 from decoder_service.service import DecoderService
+from deploy.autoscaling import TOKENS_IN_FLIGHT
+from deploy.metrics import DECODER_SERIES, StatsExporter
 from runtime.messages import GenerateChunk, GenerateRequest
 from runtime.object_store import RayObjectStore
 
@@ -27,12 +29,26 @@ def decoder_info(service: DecoderService) -> dict:
 class DecoderServer:
     def __init__(self, config: DecoderConfig) -> None:
         self.service = DecoderService(config, RayObjectStore())
+        self._tokens_in_flight = 0  # output tokens still owed to the requests in this replica
+        self._metrics = StatsExporter("decoder", self.service.stats, DECODER_SERIES)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; call through `handle.options(stream=True)`. Cancelling the call
         aborts the sequence and frees its slot."""
-        async for chunk in self.service.generate(request):
-            yield chunk
+        owed = request.sampling.max_tokens
+        self._tokens_in_flight += owed
+        try:
+            async for chunk in self.service.generate(request):
+                paid = min(len(chunk.token_ids), owed)
+                owed -= paid
+                self._tokens_in_flight -= paid
+                yield chunk
+        finally:
+            self._tokens_in_flight -= owed
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deploy/autoscaling.py): the decoder scales on tokens."""
+        return {TOKENS_IN_FLIGHT: self._tokens_in_flight}
 
     def info(self) -> dict:
         return decoder_info(self.service)

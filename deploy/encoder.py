@@ -12,7 +12,9 @@ from dataclasses import asdict
 
 from ray import serve
 
+from deploy.autoscaling import IMAGES_IN_FLIGHT
 from encoder_service.config import EncoderConfig
+from deploy.metrics import ENCODER_SERIES, StatsExporter
 from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, ItemError
 from runtime.object_store import RayObjectStore
@@ -23,10 +25,20 @@ class EncoderServer:
         if isinstance(config, dict):
             config = EncoderConfig(**config)
         self.service = EncoderService(config, RayObjectStore())
+        self._images_in_flight = 0
+        self._metrics = StatsExporter("encoder", self.service.stats, ENCODER_SERIES, buckets=True)
 
     async def encode(self, images: list[bytes],
                      request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
-        return await self.service.encode(images, request_id)
+        self._images_in_flight += len(images)
+        try:
+            return await self.service.encode(images, request_id)
+        finally:
+            self._images_in_flight -= len(images)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deploy/autoscaling.py): the encoder scales on images."""
+        return {IMAGES_IN_FLIGHT: self._images_in_flight}
 
     def info(self) -> dict:
         """What a router checks against its decoder at build time."""

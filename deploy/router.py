@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deploy.metrics import ROUTER_SERIES, LatencyMetrics, StatsExporter
 from router import http_api
 from router.images import FetchPolicy
 from router.schemas import ChatCompletionRequest
@@ -70,6 +71,9 @@ class RouterServer:
         self._settings = settings
         self._service: RouterService | None = None
         self._lock = asyncio.Lock()
+        self._latency = LatencyMetrics()
+        self._metrics = StatsExporter(
+            "router", lambda: self._service.counters if self._service else {}, ROUTER_SERIES)
         # Serve runs the constructor on the replica's event loop: start building the service
         # now, so the first request does not pay for loading the processor.
         self._warming = asyncio.get_event_loop().create_task(self.service())
@@ -86,7 +90,8 @@ class RouterServer:
                     model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
                     max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
                     fetch=FetchPolicy(**s.get("fetch", {})))
-                self._service = RouterService(config, HandleEncoder(self._encoder), HandleDecoder(self._decoder))
+                self._service = RouterService(config, HandleEncoder(self._encoder),
+                                              HandleDecoder(self._decoder), self._latency)
         return self._service
 
     @http_app.post("/v1/chat/completions")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +49,25 @@ class DecoderClient(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
 
 
+class LatencyObserver(Protocol):
+    """Told about each request's latencies (the deployment exports them as metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def next_token(self, seconds: float) -> None: ...
+    def finished(self, outcome: str) -> None: ...
+
+
+class _Unobserved:
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def next_token(self, seconds: float) -> None:
+        pass
+
+    def finished(self, outcome: str) -> None:
+        pass
+
+
 class ModelNotFound(LookupError):
     pass
 
@@ -57,6 +77,7 @@ class _Prepared:
     request: GenerateRequest
     blobs: list[bytes]  # the images' original bytes, kept to encode again if needed
     fields: list[str]
+    arrived: float  # time.monotonic() when the request arrived
 
 
 @dataclass(frozen=True)
@@ -72,12 +93,14 @@ class RouterConfig:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, encoder: EncoderClient, decoder: DecoderClient) -> None:
+    def __init__(self, config: RouterConfig, encoder: EncoderClient, decoder: DecoderClient,
+                 observer: LatencyObserver | None = None) -> None:
         from transformers import AutoProcessor
 
         self.config = config
         self.encoder = encoder
         self.decoder = decoder
+        self.observer = observer or _Unobserved()
         self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path))
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
@@ -119,6 +142,7 @@ class RouterService:
 
     # --- steps -------------------------------------------------------------------------
     async def _prepare(self, body: ChatCompletionRequest, request_id: str) -> _Prepared:
+        arrived = time.monotonic()
         self.check_model(body.model)
         prompt = self.prompts.build(body.messages)
         if len(prompt.images) > self.config.max_images_per_request:
@@ -144,25 +168,29 @@ class RouterService:
         fields = [s.field for s in prompt.images]
         refs = await self._embed(list(blobs), fields, request_id)
         request = GenerateRequest(request_id, tuple(prompt.token_ids), tuple(refs), sampling)
-        return _Prepared(request, list(blobs), fields)
+        log.info("request %s: %d prompt tokens, %d image(s), max_tokens %d", request_id,
+                 len(prompt.token_ids), len(refs), max_tokens)
+        return _Prepared(request, list(blobs), fields, arrived)
 
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
 
     async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str) -> list[EmbeddingRef]:
         keys = self._keys(blobs)
-        refs: list[EmbeddingRef | None] = [self._known.get(k) for k in keys]
-        self.counters["router_image_hits"] += sum(r is not None for r in refs)
-        missing = [i for i, r in enumerate(refs) if r is None]
+        known = {k: self._known[k] for k in keys if k in self._known}
+        self.counters["router_image_hits"] += sum(k in known for k in keys)
+        missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
         if missing:
+            first_index = {k: keys.index(k) for k in missing}
             self.counters["encoder_calls"] += 1
             self.counters["images_encoded"] += len(missing)
-            results = await self.encoder.encode([blobs[i] for i in missing], request_id)
-            for i, result in zip(missing, results):
+            results = await self.encoder.encode([blobs[first_index[k]] for k in missing], request_id)
+            for key, result in zip(missing, results):
                 if isinstance(result, ItemError):
-                    raise ImageInputError(fields[i], result.message)
-                refs[i] = result
-                self._remember(keys[i], result)
+                    raise ImageInputError(fields[first_index[key]], result.message)
+                known[key] = result
+                self._remember(key, result)
+        refs = [known[k] for k in keys]
         return refs  # type: ignore[return-value]
 
     def _remember(self, key: str, ref: EmbeddingRef) -> None:
@@ -174,28 +202,41 @@ class RouterService:
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
         """Decoder chunks. If an embedding was lost before the first chunk (its owner died),
         the images are encoded again and the request retried, once."""
-        request = prepared.request
-        for attempt in range(2):
-            stream = self.decoder.generate(request)
-            try:
-                first = await anext(stream)
-            except EmbeddingLostError:
-                if attempt or not prepared.blobs:
-                    raise
-                log.warning("request %s: an image embedding was lost; encoding again", request.request_id)
-                self.counters["reencoded_lost"] += 1
-                for key in self._keys(prepared.blobs):
-                    self._known.pop(key, None)
-                refs = await self._embed(prepared.blobs, prepared.fields, request.request_id)
-                request = dataclasses.replace(request, images=tuple(refs))
-                continue
-            try:
-                yield first
-                async for chunk in stream:
-                    yield chunk
-            finally:
-                await stream.aclose()  # a client that left cancels its decode now
-            return
+        request, outcome = prepared.request, "cancelled"
+        try:
+            for attempt in range(2):
+                stream = self.decoder.generate(request)
+                try:
+                    first = await anext(stream)
+                except EmbeddingLostError:
+                    if attempt or not prepared.blobs:
+                        raise
+                    log.warning("request %s: an image embedding was lost; encoding again",
+                                request.request_id)
+                    self.counters["reencoded_lost"] += 1
+                    for key in self._keys(prepared.blobs):
+                        self._known.pop(key, None)
+                    refs = await self._embed(prepared.blobs, prepared.fields, request.request_id)
+                    request = dataclasses.replace(request, images=tuple(refs))
+                    continue
+                last = time.monotonic()
+                self.observer.first_token(last - prepared.arrived)
+                try:
+                    yield first
+                    async for chunk in stream:
+                        now = time.monotonic()
+                        self.observer.next_token(now - last)
+                        last = now
+                        yield chunk
+                finally:
+                    await stream.aclose()  # a client that left cancels its decode now
+                outcome = "ok"
+                return
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self.observer.finished(outcome)
 
     async def close(self) -> None:
         await self._http.aclose()

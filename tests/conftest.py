@@ -64,13 +64,20 @@ def serve_http_port():
 
 
 @pytest.fixture(scope="session")
-def ray_serve(serve_http_port):
+def metrics_port():
+    """Where the session's Ray node exports Prometheus metrics."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(serve_http_port, metrics_port):
     """One local Ray + Serve for the whole session (start-up costs ~15 s). Tests deploy apps
     under their own names and delete them when done."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"PJRT_DEVICE": "CPU", "HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": serve_http_port})
     try:

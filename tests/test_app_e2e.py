@@ -1,6 +1,7 @@
 """The whole app on Ray Serve (router + encoder + decoder), through the official OpenAI client."""
 
 import asyncio
+import base64
 import http.server
 import io
 import threading
@@ -216,3 +217,52 @@ def test_colocated_layout_answers_like_the_disaggregated_one(ray_serve, client, 
         assert theirs.usage == ours.usage
     finally:
         ray_serve.delete("colocated")
+
+
+def _scrape(metrics_port, names, timeout_s=60.0):
+    """Prometheus text from the node's metrics port, once every name in `names` appears."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in names) or time.monotonic() > deadline:
+            return text
+        time.sleep(2)
+
+
+def _value(text, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"no sample of {name} {labels}"
+    return total
+
+
+def test_prometheus_metrics_after_traffic(client, photos, metrics_port):
+    from ray import serve
+
+    url = image_data_url(photos[0])
+    encoder = serve.get_deployment_handle("encoder", app_name=APP)
+    png = base64.b64decode(url.split(",", 1)[1])
+    for _ in range(2):  # the same image twice, straight to the encoder: the second is a hit
+        encoder.encode.remote([png], "metrics-test").result()
+    for _ in range(2):
+        client.chat.completions.create(model="llava-tiny", messages=_user(url, "Again?"), max_tokens=4,
+                                       stream=True).response.read()
+    names = ["ray_splitserve_encoder_cache_hits", "ray_splitserve_decoder_generated_tokens",
+             "ray_splitserve_time_to_first_token_seconds_bucket", "ray_splitserve_router_image_hits",
+             "ray_splitserve_encoder_padding_rows", "ray_splitserve_decoder_slots_in_use"]
+    text = _scrape(metrics_port, names)
+    assert _value(text, "ray_splitserve_encoder_cache_hits_total", deployment="encoder") >= 1
+    assert _value(text, "ray_splitserve_encoder_cache_misses_total", deployment="encoder") >= 1
+    assert _value(text, "ray_splitserve_router_image_hits_total", deployment="router") >= 1
+    assert _value(text, "ray_splitserve_encoder_batches_total", deployment="encoder") >= 1
+    assert _value(text, "ray_splitserve_decoder_generated_tokens_total", deployment="decoder") >= 8
+    assert _value(text, "ray_splitserve_decoder_prompt_tokens_total", deployment="decoder") > 0
+    assert _value(text, "ray_splitserve_time_to_first_token_seconds_count") >= 2
+    assert _value(text, "ray_splitserve_inter_token_latency_seconds_count") >= 6
+    for deployment in ("encoder", "decoder"):
+        assert _value(text, "ray_splitserve_compilations_after_warmup", deployment=deployment) == 0
+    assert _value(text, "ray_splitserve_decoder_slots_in_use", deployment="decoder") <= 4
