@@ -1,0 +1,241 @@
+"""Side by side in one run: splitserve vs `transformers serve` (default and --continuous-batching).
+
+    .venv/bin/python benchmarks/compare_peers.py [--size small] [--servers transformers,transformers-cb,splitserve]
+
+Each server runs alone (started, measured, stopped before the next starts), so none shares
+the CPU with another. All get the same workloads from `splitserve bench`: concurrency 1, 4
+and 16 with 8, 16 and 32 requests, one new photo crop per request, fixed output lengths
+(splitserve: `ignore_eos`; transformers serve rejects that field, so it gets a
+`generation_config` with `min_new_tokens` = `max_new_tokens`), then a cache run at
+concurrency 1 where half the images repeat earlier ones, for cached-vs-uncached TTFT.
+
+Raw reports (JSON + PNG per run, server logs) go to `bench-results/peers/`; the tables,
+machine, versions and command lines go into `docs/benchmarks.md` under SECTION (other
+sections of that file are left as they are; an `### Analysis` subsection is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers_doc import SECTION, plot_peers, render_section, update_doc  # noqa: E402
+from deploy.bench import BenchConfig, WorkloadSpec, plot_png, run_bench, write_json  # noqa: E402
+from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
+
+BIN = Path(sys.executable).parent
+LEVELS = ((1, 8), (4, 16), (16, 32))  # (concurrency, requests)
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    argv: tuple[str, ...]
+    port: int
+    model: str  # what requests name as `model`
+    ignore_eos: bool  # else: fixed lengths through transformers' `generation_config`
+    startup_timeout_s: float
+    stop_signal: int
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def command_line(self) -> str:
+        argv = [Path(a).relative_to(ROOT).as_posix() if a.startswith(str(ROOT) + "/") else a
+                for a in self.argv]
+        return shlex.join([f"{k}={v}" for k, v in self.env] + argv)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servers(checkpoint: Path, args) -> dict[str, Server]:
+    def transformers(port: int, *extra: str) -> tuple[str, ...]:
+        return (str(BIN / "transformers"), "serve", str(checkpoint), "--device", "cpu",
+                "--host", "127.0.0.1", "--port", str(port), *extra)
+
+    ports = [free_port() for _ in range(3)]
+    splitserve = (str(BIN / "splitserve"), "serve", "--model", str(checkpoint), "--port", str(ports[2]),
+                  "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs))
+    return {"transformers": Server("transformers", transformers(ports[0]), ports[0], str(checkpoint),
+                                   False, 600, signal.SIGTERM),
+            "transformers-cb": Server("transformers-cb", transformers(ports[1], "--continuous-batching"),
+                                      ports[1], str(checkpoint), False, 600, signal.SIGTERM),
+            # A fresh local Ray even where another is running (ray.init would join that one).
+            "splitserve": Server("splitserve", splitserve, ports[2], checkpoint.name, True, 2400,
+                                 signal.SIGINT, env=(("RAY_ADDRESS", "local"),))}
+
+
+def wait_idle(max_wait_s: float, load_below: float = 1.0) -> float:
+    """Waits (up to max_wait_s) for the 1-minute load average to drop: other work on the
+    machine would be measured too. Returns the load average when it stopped waiting."""
+    deadline = time.monotonic() + max_wait_s
+    while os.getloadavg()[0] >= load_below and time.monotonic() < deadline:
+        time.sleep(10)
+    return os.getloadavg()[0]
+
+
+def start(server: Server, log_path: Path) -> tuple[subprocess.Popen, float]:
+    import httpx
+
+    hf_home = log_path.parent / "hf-home"
+    (hf_home / "hub").mkdir(parents=True, exist_ok=True)  # `transformers serve` scans it
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PJRT_DEVICE": "CPU",
+           **dict(server.env)}
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(server.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=ROOT)
+    while time.monotonic() - t0 < server.startup_timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                return process, time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    stop(process, server.stop_signal)
+    raise TimeoutError(f"{server.name} was not healthy within {server.startup_timeout_s} s")
+
+
+def stop(process: subprocess.Popen, signum: int) -> None:
+    """The server's own shutdown first (splitserve drains and stops Ray on SIGINT), then its
+    process group, which only this script started."""
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def configs(server: Server, args) -> dict[str, BenchConfig]:
+    fixed = {} if server.ignore_eos else {"generation_config": json.dumps(
+        {"max_new_tokens": args.output_tokens, "min_new_tokens": args.output_tokens, "do_sample": False})}
+    base = BenchConfig(base_url=f"{server.url}/v1", model=server.model, ignore_eos=server.ignore_eos,
+                       extra_body=fixed, warmup_requests=1, timeout_s=args.run_timeout_s,
+                       request_timeout_s=args.run_timeout_s)
+    workload = WorkloadSpec(prompt_words=args.prompt_words, output_tokens=args.output_tokens)
+    runs = {f"c{c}": replace(base, max_concurrency=c, label=f"{server.name} c{c}",
+                             workload=replace(workload, num_requests=n, seed=100 + c))
+            for c, n in LEVELS if c in args.concurrency}
+    runs["cache"] = replace(base, max_concurrency=1, label=f"{server.name} cache",
+                            workload=replace(workload, num_requests=args.cache_requests,
+                                             repeat_ratio=0.5, seed=7))
+    return runs
+
+
+def bench_command(config: BenchConfig) -> str:
+    """The `splitserve bench` command line that reproduces one run."""
+    w = config.workload
+    argv = ["splitserve", "bench", "--base-url", config.base_url, "--model", config.model,
+            "--num-requests", w.num_requests, "--concurrency", config.max_concurrency,
+            "--images-per-request", w.images_per_request, "--repeat-ratio", w.repeat_ratio,
+            "--prompt-words", w.prompt_words, "--output-tokens", w.output_tokens, "--seed", w.seed,
+            "--warmup-requests", config.warmup_requests]
+    argv += ["--ignore-eos"] if config.ignore_eos else []
+    argv += ["--extra-body", json.dumps(config.extra_body)] if config.extra_body else []
+    return shlex.join(str(a) for a in argv)
+
+
+def run_server(server: Server, args, out_dir: Path) -> dict:
+    load_before = wait_idle(args.wait_idle_s)
+    print(f"[{time.strftime('%H:%M:%S')}] {server.name}: starting (load {load_before:.2f})", flush=True)
+    process, startup_s = start(server, out_dir / f"{server.name}.log")
+    print(f"[{time.strftime('%H:%M:%S')}] {server.name}: healthy after {startup_s:.0f} s", flush=True)
+    result = {"argv": server.command_line, "startup_s": startup_s, "load_before": load_before,
+              "runs": {}, "commands": {}}
+    try:
+        for name, config in configs(server, args).items():
+            report, _ = run_bench(config)
+            stem = out_dir / f"{server.name}-{name}"
+            write_json(report, stem.with_suffix(".json"))
+            plot_png(report, stem.with_suffix(".png"))
+            result["runs"][name] = {k: v for k, v in report.items() if k != "requests"}
+            result["commands"][name] = bench_command(config)
+            print(f"[{time.strftime('%H:%M:%S')}] {server.name} {name}: "
+                  f"{report['output_throughput']:.1f} output tok/s, TTFT median "
+                  f"{(report['ttft_ms'] or {}).get('median', float('nan')):.0f} ms, "
+                  f"{report['errors']} errors", flush=True)
+    finally:
+        result["load_after"] = os.getloadavg()[0]
+        stop(process, server.stop_signal)
+    return result
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1),
+            "os": platform.platform(), "python": platform.python_version(), "commit": commit,
+            "versions": {p: version(p) for p in ("torch", "torch_xla", "transformers", "ray", "httpx")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--servers", default="transformers,transformers-cb,splitserve")
+    parser.add_argument("--concurrency", default="1,4,16", help="a subset of 1,4,16")
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--prompt-words", type=int, default=32)
+    parser.add_argument("--cache-requests", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--run-timeout-s", type=float, default=900.0, help="bound on each bench run")
+    parser.add_argument("--wait-idle-s", type=float, default=300.0,
+                        help="wait up to this long for the machine to go quiet before each server")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results" / "peers")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    args.concurrency = {int(c) for c in args.concurrency.split(",")}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    checkpoint = cached_demo_checkpoint(args.size)
+    known = servers(checkpoint, args)
+    results = {"machine": machine(), "size": args.size, "checkpoint": str(checkpoint),
+               "script": shlex.join([Path(sys.executable).relative_to(ROOT).as_posix()
+                                     if Path(sys.executable).is_relative_to(ROOT) else sys.executable,
+                                     "benchmarks/compare_peers.py", *(argv or sys.argv[1:])]),
+               "started_at": time.strftime("%Y-%m-%d %H:%M %Z"), "servers": {}}
+    for name in args.servers.split(","):
+        results["servers"][name] = run_server(known[name], args, args.out_dir)
+        write_json(results, args.out_dir / "summary.json")  # what finished, if a later one fails
+    plot = plot_peers(results, args.doc.parent / "benchmarks-peers.png")
+    update_doc(args.doc, render_section(results, plot.relative_to(args.doc.parent)))
+    print(f"wrote {args.out_dir / 'summary.json'}, {plot} and the {SECTION!r} section of {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The peers section of `docs/benchmarks.md` and its plot, from `compare_peers.py`'s results."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SECTION = "## Peers: splitserve vs transformers serve"
+ANALYSIS = "### Analysis"
+TITLES = {"transformers": "transformers serve", "transformers-cb": "transformers serve --continuous-batching",
+          "splitserve": "splitserve"}
+PEERS = ("transformers", "transformers-cb")
+ROWS = (  # (label, key, stat, higher is better)
+    ("output tok/s", "output_throughput", None, True),
+    ("requests/s", "request_throughput", None, True),
+    ("TTFT median (ms)", "ttft_ms", "median", False),
+    ("TTFT p99 (ms)", "ttft_ms", "p99", False),
+    ("TPOT median (ms)", "tpot_ms", "median", False),
+    ("TPOT p99 (ms)", "tpot_ms", "p99", False),
+    ("ITL median (ms)", "itl_ms", "median", False),
+    ("ITL p99 (ms)", "itl_ms", "p99", False),
+    ("E2E latency median (ms)", "e2el_ms", "median", False),
+)
+
+
+def metric(run: dict | None, key: str, stat: str | None) -> float | None:
+    if not run:
+        return None
+    value = run.get(key)
+    return value.get(stat) if stat and value else value
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def ratio_to_best_peer(results: dict, run_name: str, key: str, stat: str | None,
+                       higher_is_better: bool) -> float | None:
+    servers = results["servers"]
+    ours = metric(servers.get("splitserve", {}).get("runs", {}).get(run_name), key, stat)
+    peers = [v for p in PEERS if (v := metric(servers.get(p, {}).get("runs", {}).get(run_name), key, stat))]
+    if ours is None or not peers:
+        return None
+    best = max(peers) if higher_is_better else min(peers)
+    return ours / best if best else None
+
+
+def _cache_ratio(run: dict | None) -> tuple[float | None, float | None, float | None]:
+    new = metric(run, "ttft_ms_new_images", "median")
+    repeated = metric(run, "ttft_ms_repeated_images", "median")
+    return new, repeated, (repeated / new if new and repeated else None)
+
+
+def render_section(results: dict, plot_path: Path) -> str:
+    servers, m = results["servers"], results["machine"]
+    names = [n for n in TITLES if n in servers]
+    runs = [r for r in ("c1", "c4", "c16") if any(r in s["runs"] for s in servers.values())]
+    any_run = next(iter(next(iter(servers.values()))["runs"].values()))
+    w = any_run["workload"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    out = [SECTION, "",
+           f"A real run, {results['started_at']}, commit `{m['commit']}`, by "
+           f"`{results['script']}`. Raw reports (JSON and PNG per run, server logs): "
+           "`bench-results/peers/` (not committed).", "",
+           f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, {m['os']}; "
+           f"Python {m['python']}; {versions}. No accelerator: splitserve runs XLA on the CPU "
+           "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`).",
+           f"- **Checkpoint**: the `{results['size']}` demo checkpoint (`{results['checkpoint']}`), "
+           "random weights, the same files for every server.",
+           f"- **Workload** (`splitserve bench`): {w['images_per_request']} image per request, each a "
+           f"new crop of a real photo (JPEG, longer side <= {w['image_max_side']} px, "
+           f"~{w['mean_image_bytes'] / 1024:.0f} KiB), a {w['prompt_words']}-word prompt, exactly "
+           f"{w['output_tokens']} output tokens (greedy), streamed; one warm-up request before each run. "
+           "Each server runs alone: the previous one is stopped before the next starts. The machine is "
+           "shared with other work, which these numbers include: see the load averages below.", "",
+           f"![output tok/s and TTFT per concurrency]({plot_path.as_posix()})", "",
+           "### Throughput and latency", "",
+           "Ratio: splitserve / the best peer mode (for latencies the lowest; below 1 is better there).", "",
+           "| concurrency (requests) | metric | " + " | ".join(TITLES[n] for n in names) +
+           " | splitserve / best peer |",
+           "|---|---|" + "---|" * len(names) + "---|"]
+    for run_name in runs:
+        run = next(s["runs"][run_name] for s in servers.values() if run_name in s["runs"])
+        level = f"{run['config']['max_concurrency']} ({run['workload']['num_requests']})"
+        for label, key, stat, higher in ROWS:
+            cells = [_fmt(metric(servers[n]["runs"].get(run_name), key, stat)) for n in names]
+            ratio = ratio_to_best_peer(results, run_name, key, stat, higher)
+            out.append(f"| {level} | {label} | " + " | ".join(cells) +
+                       f" | {'n/a' if ratio is None else f'{ratio:.2f}x'} |")
+        errors = [str(servers[n]["runs"].get(run_name, {}).get("errors", "n/a")) for n in names]
+        out.append(f"| {level} | errors | " + " | ".join(errors) + " | |")
+
+    out += ["", "### Cached vs uncached image", "",
+            "Concurrency 1; half the image slots repeat an image an earlier request sent (on splitserve "
+            "a cache hit: the router reuses the embedding and skips the encoder). TTFT medians:", "",
+            "| server | requests (repeated) | new image (ms) | repeated image (ms) | repeated / new |",
+            "|---|---|---|---|---|"]
+    for n in names:
+        run = servers[n]["runs"].get("cache")
+        new, repeated, ratio = _cache_ratio(run)
+        count = (metric(run, "ttft_ms_repeated_images", "count") or 0) if run else 0
+        requests = run["workload"]["num_requests"] if run else "n/a"
+        out.append(f"| {TITLES[n]} | {requests} ({count}) | {_fmt(new)} | {_fmt(repeated)} | "
+                   f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
+
+    throughput = ratio_to_best_peer(results, "c16", "output_throughput", None, True)
+    cache = _cache_ratio(servers.get("splitserve", {}).get("runs", {}).get("cache"))[2]
+    out += ["", "### Targets", "",
+            _target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
+                    throughput, lambda r: r >= 2.0, "x"),
+            _target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
+                    lambda r: r <= 0.5, ""),
+            "", "### Start-up and machine load", "",
+            "| server | start-up to healthy /health (s) | 1-min load average before / after |",
+            "|---|---|---|"]
+    for n in names:
+        s = servers[n]
+        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | {s['load_before']:.2f} / {s['load_after']:.2f} |")
+    out += ["", "### Command lines", "", "```"]
+    for n in names:
+        out.append(f"# {TITLES[n]}")
+        out.append(servers[n]["argv"])
+        out += list(servers[n]["commands"].values())
+    out += ["```", ""]
+    return "\n".join(out)
+
+
+def _target(name: str, value: float | None, met, unit: str) -> str:
+    if value is None:
+        return f"- {name}: not measured."
+    return f"- {name}: **{value:.2f}{unit}, {'met' if met(value) else 'missed'}**."
+
+
+def update_doc(path: Path, section: str) -> None:
+    """Replaces SECTION (up to the next `## ` heading) in `path`, keeping its `### Analysis`
+    subsection; appends the section when absent; leaves every other section alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(text)
+    if found:
+        old = found.group(0)
+        kept = old[old.index(ANALYSIS):].rstrip() + "\n\n" if ANALYSIS in old else ""
+        text = text[:found.start()] + section.rstrip() + "\n\n" + kept + text[found.end():]
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n")
+
+
+def plot_peers(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, server in results["servers"].items():
+        levels = [(r["config"]["max_concurrency"], r) for k, r in server["runs"].items() if k != "cache"]
+        levels.sort(key=lambda x: x[0])
+        xs = [c for c, _ in levels]
+        left.plot(xs, [r["output_throughput"] for _, r in levels], "o-", label=TITLES[name])
+        right.plot(xs, [metric(r, "ttft_ms", "median") for _, r in levels], "o-", label=TITLES[name])
+    for ax, ylabel in ((left, "output tok/s"), (right, "TTFT median (ms)")):
+        ax.set(xscale="log", xlabel="concurrency", ylabel=ylabel)
+        ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.suptitle(f"{results['size']} checkpoint, {results['machine']['cores']}-core CPU")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
