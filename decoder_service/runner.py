@@ -74,8 +74,7 @@ class ModelRunner:
         return torch.from_numpy(array).to(self.device.torch_device)
 
     @torch.no_grad()
-    def prefill(self, inputs: PrefillInputs) -> np.ndarray:
-        """Returns sampled rows [max_prefill_seqs, ...] (see `sampler.sample`)."""
+    def _prefill(self, inputs: PrefillInputs) -> torch.Tensor:
         d = self._to_device
         token_ids = d(inputs.token_ids)
         embeds = self.model.embed_tokens(token_ids)
@@ -84,24 +83,30 @@ class ModelRunner:
                                       d(inputs.is_image))
         logits = self.model.prefill(embeds, d(inputs.positions), d(inputs.slots), d(inputs.segments),
                                     d(inputs.last_index), self.cos, self.sin, self.cache)
-        out = sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
-        return self._finish(out, "prefill tokens=%d image_rows=%d" % inputs.graph)
+        return sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
 
     @torch.no_grad()
-    def decode(self, inputs: DecodeInputs) -> np.ndarray:
-        """Returns sampled rows [batch bucket, ...]."""
+    def _decode(self, inputs: DecodeInputs) -> torch.Tensor:
         d = self._to_device
         logits = self.model.decode(d(inputs.token_ids), d(inputs.positions), d(inputs.slots),
                                    self.key_positions[:inputs.attention_len], self.cos, self.sin,
                                    self.cache)
-        out = sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
-        return self._finish(out, f"decode batch={len(inputs.token_ids)} attention_len={inputs.attention_len}")
+        return sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
 
-    def _finish(self, out: torch.Tensor, what: str) -> np.ndarray:
-        self.device.sync()
-        host = out.cpu().numpy()
-        self.guard.check(what)
-        return host
+    def prefill(self, inputs: PrefillInputs) -> np.ndarray:
+        """Runs one prefill step; returns sampled rows [max_prefill_seqs, ...] (`sampler.sample`)."""
+        return self._run(self._prefill, inputs, "prefill tokens=%d image_rows=%d" % inputs.graph)
+
+    def decode(self, inputs: DecodeInputs) -> np.ndarray:
+        """Runs one decode step; returns sampled rows [batch bucket, ...]."""
+        return self._run(self._decode, inputs, f"decode batch={len(inputs.token_ids)} "
+                                               f"attention_len={inputs.attention_len}")
+
+    def _run(self, trace, inputs, what: str) -> np.ndarray:
+        with self.guard.step(what):
+            out = trace(inputs)
+            self.device.sync()
+            return out.cpu().numpy()
 
     def warm_up(self) -> None:
         """Compiles every graph the runtime can ask for, logging one line per graph."""

@@ -82,12 +82,8 @@ class EncoderRunner:
                 if image.shape != self.pixel_shape:
                     raise ValueError(f"pixels of shape {image.shape}; the encoder takes {self.pixel_shape}")
                 batch[row] = image
-            graphs_before = self.guard.compilations()
-            out = self._step(batch)
-            # The guard's counter is process-wide: another service warming up in this process
-            # (the colocated layout) moves it too. Only a graph made by this step is ours.
-            if self.guard.compilations() != graphs_before:
-                self.guard.check(f"encoder bucket {bucket} ({count} items)")
+            with self.guard.step(f"encoder bucket {bucket} ({count} items)"):
+                out = self._step(batch)
             results.extend(out[row].copy() for row in range(count))  # padding rows dropped on the host
             stats = self.bucket_stats[bucket]
             stats.batches += 1

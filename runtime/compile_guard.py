@@ -21,7 +21,8 @@ process. Eager devices never compile.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from runtime.device import Device
 
@@ -69,15 +70,26 @@ class CompileGuard:
         self.warmup_compilations = now - self._warmup_start
         self._baseline = now
 
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Wraps one device step (including its sync): graphs it adds after warm-up are
+        recompilations. No-op before warm-up."""
+        before = self._count()
+        yield
+        if self._baseline is not None:
+            self._report(self._count() - before, what)
+
     def check(self, what: str) -> None:
-        """Call after a step has run (after device sync). No-op before warm-up."""
+        """Graphs added since warm-up (or the last check), by anyone in this process."""
         if self._baseline is None:
             return
         now = self._count()
-        new = now - self._baseline
+        new, self._baseline = now - self._baseline, now
+        self._report(new, what)
+
+    def _report(self, new: int, what: str) -> None:
         if new <= 0:
             return
-        self._baseline = now
         self.compilations_after_warmup += new
         message = (f"{self.name}: {new} XLA compilation(s) after warm-up at {what}; "
                    "a shape escaped the buckets (run with PT_XLA_DEBUG_LEVEL=2 to see where)")

@@ -72,3 +72,14 @@ def test_eager_devices_count_nothing():
     torch.nn.Linear(4, 4)(torch.ones(3, 4))
     guard.check("eager step")
     assert guard.compilations() == 0
+
+
+def test_step_blames_only_graphs_made_inside_it(warm_layer):
+    device, layer, guard = warm_layer
+    _run(layer, device, 6)  # a neighbour in the same process compiles a new graph...
+    with guard.step("rows=4"):
+        _run(layer, device, 4)  # ...but this step only reuses a warm one
+    assert guard.compilations_after_warmup == 0
+    with pytest.raises(RecompilationError, match="after warm-up at rows=13"):
+        with guard.step("rows=13"):
+            _run(layer, device, 13)  # a size no other test in this process has run
