@@ -178,5 +178,45 @@ def probe_object_store(url: str, jpeg: bytes) -> dict:
             "nodes_before": before["node_ids"], "nodes_after": after["node_ids"]}
 
 
+def run(args: argparse.Namespace, result: dict) -> None:
+    head = {"num_cpus": 1}
+    workers = [{"num_cpus": 2, "resources": {"TPU": 2, "encoder_host": 2}},
+               {"num_cpus": 2, "resources": {"TPU": 2, "decoder_host": 2}}]
+    with harness.local_cluster(head, workers) as (cluster, (encoder_host, decoder_host)):
+        result["nodes"] = {"head": cluster.head_node.node_id, "encoder_host": encoder_host.node_id,
+                           "decoder_host": decoder_host.node_id}
+        port = free_port()
+        config = harness.derive_config(CONFIG, args.checkpoint, port, deployments=overrides(),
+                                       proxy_location="HeadOnly")
+        result["deployments_config"] = config["applications"][0]["deployments"]
+        result["serve_run_s"] = harness.serve_run(config, args.workdir / "serve_config.yaml",
+                                                  cluster.address, args.workdir / "serve-run.log")
+        base = f"http://127.0.0.1:{port}"
+        result["healthy_after_s"] = harness.wait_healthy(f"{base}/health", timeout_s=300)
+        result["health"] = httpx.get(f"{base}/health", timeout=10).json()
+        result["placement"] = harness.deployments_view(harness.serve_details())
+        result["steps"].append("placement")
+
+        chat = f"{base}/v1/chat/completions"
+        result["probe"] = probe_object_store(chat, harness.image_jpeg(256, seed=1))
+        result["steps"].append("probe")
+
+        watcher = Watcher()
+        try:
+            big = harness.image_jpeg(1024, seed=2)
+            result["image_phase"] = scale_phase(
+                watcher, chat, lambda n: harness.chat_body("Describe it.", harness.unique_jpeg(big, n),
+                                                           max_tokens=1),
+                concurrency=6, grows="encoder")
+            result["steps"].append("image_phase")
+            result["token_phase"] = scale_phase(
+                watcher, chat, lambda n: harness.chat_body(f"Count to {n}.", ignore_eos=True),
+                concurrency=4, grows="decoder")
+            result["steps"].append("token_phase")
+            result["final"] = harness.deployments_view(harness.serve_details())
+        finally:
+            watcher.stop()
+
+
 if __name__ == "__main__":
     harness.script_main(run, default_timeout_s=480)
