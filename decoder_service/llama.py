@@ -21,6 +21,32 @@ from torch import nn
 from decoder_service.kv_cache import KVCache
 
 
+class Linear(nn.Module):
+    """y = x @ weight (+ bias), with `weight` stored [in, out]: transposed from torch's
+    [out, in]. Checkpoint weights are transposed on load. XLA:CPU emits a much faster dot
+    for this layout at small batch (measured here, a 768 x 30528 head at batch 2: 122 ms as
+    `F.linear`, 19 ms as `x @ w`); on TPU the layout is XLA's choice either way."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"  # state dicts keep torch's [out, in] convention
+        if key in state_dict:
+            state_dict[key] = state_dict[key].t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -57,10 +83,10 @@ class Attention(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         bias = getattr(cfg, "attention_bias", False)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
     def _qkv(self, x, cos, sin):
         n = x.shape[0]
@@ -88,20 +114,26 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         cache.write(layer, slots, positions, k, v)
         keys, values = cache.read(layer, slots, attention_len)  # [B, A, kv_heads, D]
-        scores = torch.einsum("bhgd,bahd->bhga", self._grouped(q), keys) * self.scale
-        scores = scores.float().masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
-        probs = scores.softmax(dim=-1).to(values.dtype)
-        out = torch.einsum("bhga,bahd->bhgd", probs, values)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        # One batch dim (B * kv_heads) for both products: XLA:CPU runs such a bmm ~1.5-2x
+        # faster than the two-batch-dim einsum; on TPU both lower to the same dot.
+        b, a, group = x.shape[0], attention_len, self.num_heads // self.num_kv_heads
+        keys = keys.permute(0, 2, 1, 3).reshape(b * self.num_kv_heads, a, self.head_dim)
+        values = values.permute(0, 2, 1, 3).reshape(b * self.num_kv_heads, a, self.head_dim)
+        q = q.reshape(b * self.num_kv_heads, group, self.head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [B*kv, G, A]
+        allowed = mask[:, None, None, :].expand(b, self.num_kv_heads, 1, a).reshape(-1, 1, a)
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [B*kv, G, D]
+        return self.o_proj(out.reshape(b, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -131,7 +163,7 @@ class LlamaTextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_dim = self.layers[0].self_attn.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
 
