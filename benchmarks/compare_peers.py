@@ -86,13 +86,27 @@ def servers(checkpoint: Path, args) -> dict[str, Server]:
                                  signal.SIGINT, env=(("RAY_ADDRESS", "local"),))}
 
 
-def wait_idle(max_wait_s: float, load_below: float = 1.0) -> float:
-    """Waits (up to max_wait_s) for the 1-minute load average to drop: other work on the
-    machine would be measured too. Returns the load average when it stopped waiting."""
+def cpu_busy(sample_s: float = 5.0) -> float:
+    """Fraction of all cores busy over `sample_s` (from /proc/stat). Between runs the server
+    under test is idle, so this is other work on the machine."""
+    def times():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = times()
+    time.sleep(sample_s)
+    total1, idle1 = times()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(max_wait_s: float, busy_below: float = 0.15) -> float:
+    """Waits (up to max_wait_s) until other work leaves the CPU mostly idle, so it is not
+    measured too. Returns the busy fraction seen last."""
     deadline = time.monotonic() + max_wait_s
-    while os.getloadavg()[0] >= load_below and time.monotonic() < deadline:
-        time.sleep(10)
-    return os.getloadavg()[0]
+    busy = cpu_busy()
+    while busy >= busy_below and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy
 
 
 def start(server: Server, log_path: Path) -> tuple[subprocess.Popen, float]:
@@ -165,15 +179,15 @@ def bench_command(config: BenchConfig) -> str:
 
 
 def run_server(server: Server, args, out_dir: Path) -> dict:
-    load_before = wait_idle(args.wait_idle_s)
-    print(f"[{time.strftime('%H:%M:%S')}] {server.name}: starting (load {load_before:.2f})", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {server.name}: starting", flush=True)
     process, startup_s = start(server, out_dir / f"{server.name}.log")
     print(f"[{time.strftime('%H:%M:%S')}] {server.name}: healthy after {startup_s:.0f} s", flush=True)
-    result = {"argv": server.command_line, "startup_s": startup_s, "load_before": load_before,
-              "runs": {}, "commands": {}}
+    result = {"argv": server.command_line, "startup_s": startup_s, "runs": {}, "commands": {}}
     try:
         for name, config in configs(server, args).items():
+            busy_before = wait_quiet(args.wait_quiet_s)
             report, _ = run_bench(config)
+            report["cpu_busy_before"] = busy_before
             stem = out_dir / f"{server.name}-{name}"
             write_json(report, stem.with_suffix(".json"))
             plot_png(report, stem.with_suffix(".png"))
@@ -182,9 +196,8 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
             print(f"[{time.strftime('%H:%M:%S')}] {server.name} {name}: "
                   f"{report['output_throughput']:.1f} output tok/s, TTFT median "
                   f"{(report['ttft_ms'] or {}).get('median', float('nan')):.0f} ms, "
-                  f"{report['errors']} errors", flush=True)
+                  f"{report['errors']} errors (CPU {busy_before:.0%} busy before)", flush=True)
     finally:
-        result["load_after"] = os.getloadavg()[0]
         stop(process, server.stop_signal)
     return result
 
@@ -213,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--run-timeout-s", type=float, default=900.0, help="bound on each bench run")
-    parser.add_argument("--wait-idle-s", type=float, default=300.0,
-                        help="wait up to this long for the machine to go quiet before each server")
+    parser.add_argument("--wait-quiet-s", type=float, default=120.0,
+                        help="wait up to this long for other work to leave the CPU before each run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results" / "peers")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)

@@ -74,7 +74,8 @@ def render_section(results: dict, plot_path: Path) -> str:
            f"~{w['mean_image_bytes'] / 1024:.0f} KiB), a {w['prompt_words']}-word prompt, exactly "
            f"{w['output_tokens']} output tokens (greedy), streamed; one warm-up request before each run. "
            "Each server runs alone: the previous one is stopped before the next starts. The machine is "
-           "shared with other work, which these numbers include: see the load averages below.", "",
+           "shared with other work; before each run the script waits (up to a bound) for the CPU to "
+           "go quiet, and records how busy it was (below).", "",
            f"![output tok/s and TTFT per concurrency]({plot_path.as_posix()})", "",
            "### Throughput and latency", "",
            "Ratio: splitserve / the best peer mode (for latencies the lowest; below 1 is better there).", "",
@@ -112,12 +113,16 @@ def render_section(results: dict, plot_path: Path) -> str:
                     throughput, lambda r: r >= 2.0, "x"),
             _target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
                     lambda r: r <= 0.5, ""),
-            "", "### Start-up and machine load", "",
-            "| server | start-up to healthy /health (s) | 1-min load average before / after |",
+            "", "### Start-up and other work on the machine", "",
+            "CPU busy: the share of both cores other processes used in the 5 s before each run "
+            "(the server under test idle).", "",
+            "| server | start-up to healthy /health (s) | CPU busy before c1 / c4 / c16 / cache |",
             "|---|---|---|"]
     for n in names:
         s = servers[n]
-        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | {s['load_before']:.2f} / {s['load_after']:.2f} |")
+        busy = " / ".join(f"{r['cpu_busy_before']:.0%}" if "cpu_busy_before" in r else "n/a"
+                          for r in (s["runs"].get(k, {}) for k in ("c1", "c4", "c16", "cache")))
+        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | {busy} |")
     out += ["", "### Command lines", "", "```"]
     for n in names:
         out.append(f"# {TITLES[n]}")

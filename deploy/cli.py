@@ -57,17 +57,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Drives an OpenAI-compatible endpoint; prints the summary, writes JSON (+ PNG)."""
-    import json
-    import math
     from pathlib import Path
 
-    from deploy.bench import BenchConfig, WorkloadSpec, format_table, plot_png, run_bench, write_json
+    from deploy.bench import format_table, plot_png, run_bench, write_json
+
+    try:
+        config = _bench_config(args)
+        report, _ = run_bench(config)
+    except ValueError as exc:  # bad flags, or no model name to send
+        print(f"splitserve bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report), flush=True)
+    stem = args.out.removesuffix(".json")
+    print(f"wrote {write_json(report, Path(stem + '.json'))}")
+    if not args.no_plot:
+        print(f"wrote {plot_png(report, Path(stem + '.png'))}")
+    return 0 if report["completed"] else 1
+
+
+def _bench_config(args: argparse.Namespace):
+    import json
+    import math
+
+    from deploy.bench import BenchConfig, WorkloadSpec
 
     workload = WorkloadSpec(num_requests=args.num_requests, images_per_request=args.images_per_request,
                             repeat_ratio=args.repeat_ratio, prompt_words=args.prompt_words,
                             output_tokens=args.output_tokens, image_max_side=args.image_max_side,
                             seed=args.seed)
-    config = BenchConfig(
+    return BenchConfig(
         base_url=args.base_url, workload=workload, model=args.model,
         max_concurrency=args.concurrency or None,
         request_rate=args.request_rate if args.request_rate is not None else math.inf,
@@ -75,13 +93,6 @@ def _bench(args: argparse.Namespace) -> int:
         extra_body=json.loads(args.extra_body) if args.extra_body else {},
         warmup_requests=args.warmup_requests, timeout_s=args.timeout_s,
         request_timeout_s=args.request_timeout_s, label=args.label)
-    report, _ = run_bench(config)
-    print(format_table(report), flush=True)
-    stem = args.out.removesuffix(".json")
-    print(f"wrote {write_json(report, Path(stem + '.json'))}")
-    if not args.no_plot:
-        print(f"wrote {plot_png(report, Path(stem + '.png'))}")
-    return 0 if report["completed"] else 1
 
 
 def _wait_healthy(url: str, stop, poll_s: float = 1.0) -> bool:

@@ -95,10 +95,14 @@ def test_the_run_stops_at_its_global_timeout(stalling_server):
 
 
 # --- real servers, through the CLI --------------------------------------------------------------
-def _bench_cli(out_stem: Path, *args: str) -> dict:
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
     cli = Path(sys.executable).parent / "splitserve"
-    done = subprocess.run([str(cli), "bench", "--out", str(out_stem), "--timeout-s", "120", *args],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run([str(cli), "bench", "--timeout-s", "120", *args], capture_output=True,
+                          text=True, timeout=180)
+
+
+def _bench_cli(out_stem: Path, *args: str) -> dict:
+    done = _run_cli("--out", str(out_stem), *args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Output token throughput (tok/s):" in done.stdout
     assert out_stem.with_name(out_stem.name + ".png").read_bytes()[:8] == PNG_MAGIC
@@ -166,3 +170,7 @@ def test_bench_against_transformers_serve(transformers_server, tiny_checkpoint, 
                         "--request-rate", "20", "--output-tokens", "6", "--extra-body", fixed)
     _check_plausible(report, num_requests=6, output_tokens=6)
     assert report["config"]["max_concurrency"] == 2 and report["config"]["request_rate"] == 20.0
+    # Its /v1/models lists no checkpoint: without --model the CLI says so, and sends nothing.
+    unnamed = _run_cli("--base-url", transformers_server, "--out", str(tmp_path / "unnamed"))
+    assert unnamed.returncode == 2 and "pass the model name" in unnamed.stderr
+    assert not (tmp_path / "unnamed.json").exists()

@@ -91,7 +91,8 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, result: R
         result.error = f"timeout: no complete answer within {timeout_s:g} s"
     except StreamError as exc:
         result.error = str(exc)
-    except (httpx.HTTPError, OSError, ValueError) as exc:
+    except (httpx.HTTPError, OSError, ValueError, TypeError, AttributeError) as exc:
+        # Transport failures and malformed events: this request failed, the run goes on.
         result.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         result.latency_s = time.perf_counter() - start

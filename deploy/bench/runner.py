@@ -47,6 +47,8 @@ class BenchConfig:
             raise ValueError("set max_concurrency, a finite request_rate, or both")
         if self.timeout_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("timeout_s and request_timeout_s must be > 0")
+        if not isinstance(self.extra_body, dict):
+            raise ValueError(f"extra_body must be a JSON object; got {self.extra_body!r}")
         if self.warmup_requests < 0:
             raise ValueError(f"warmup_requests must be >= 0; got {self.warmup_requests}")
 
