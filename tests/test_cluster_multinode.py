@@ -8,7 +8,7 @@ import pytest
 
 from tests.cluster_scripts import harness
 
-SCRIPT_TIMEOUT_S = 480
+SCRIPT_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")

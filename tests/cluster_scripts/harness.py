@@ -10,7 +10,6 @@ down on the way out whatever happened.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -108,7 +107,6 @@ def derive_config(source: Path, model: str, http_port: int, *, deployments: dict
     """`source` with the test's checkpoint, small shapes and a loopback port. `deployments` maps
     a deployment name to keys replaced in its entry (`autoscaling_config` is merged)."""
     config = yaml.safe_load(source.read_text())
-    config = copy.deepcopy(config)
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
     if proxy_location:
         config["proxy_location"] = proxy_location

@@ -1,7 +1,7 @@
 """Multi-node splitserve on one machine: deploy/serve_config_tpu.yaml on a local Ray cluster whose
 nodes stand for the TPU pools, then load that moves each half's autoscaler on its own.
 
-    python -m tests.cluster_scripts.multinode --checkpoint DIR --workdir DIR [--timeout-s 480]
+    python -m tests.cluster_scripts.multinode --checkpoint DIR --workdir DIR [--timeout-s 600]
 
 Nodes: a head ({CPU: 1}), an encoder host ({CPU: 2, TPU: 2, encoder_host: 2}) and a decoder host
 ({CPU: 2, TPU: 2, decoder_host: 2}): the resources cluster/gcp_tpu.yaml declares, two chips each.
@@ -219,4 +219,4 @@ def run(args: argparse.Namespace, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    harness.script_main(run, default_timeout_s=480)
+    harness.script_main(run, default_timeout_s=600)
