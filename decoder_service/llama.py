@@ -113,12 +113,12 @@ class Attention(nn.Module):
         # x: [B, hidden]; mask: [B, attention_len] bool over cache positions
         q, k, v = self._qkv(x, cos, sin)
         cache.write(layer, slots, positions, k, v)
-        keys, values = cache.read(layer, slots, attention_len)  # [B, A, kv_heads, D]
+        keys, values = cache.read(layer, slots, attention_len)  # [B, kv_heads, A, D]
         # One batch dim (B * kv_heads) for both products: XLA:CPU runs such a bmm ~1.5-2x
         # faster than the two-batch-dim einsum; on TPU both lower to the same dot.
         b, a, group = x.shape[0], attention_len, self.num_heads // self.num_kv_heads
-        keys = keys.permute(0, 2, 1, 3).reshape(b * self.num_kv_heads, a, self.head_dim)
-        values = values.permute(0, 2, 1, 3).reshape(b * self.num_kv_heads, a, self.head_dim)
+        keys = keys.reshape(b * self.num_kv_heads, a, self.head_dim)
+        values = values.reshape(b * self.num_kv_heads, a, self.head_dim)
         q = q.reshape(b * self.num_kv_heads, group, self.head_dim)
         scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [B*kv, G, A]
         allowed = mask[:, None, None, :].expand(b, self.num_kv_heads, 1, a).reshape(-1, 1, a)
