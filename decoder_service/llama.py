@@ -103,11 +103,15 @@ class Attention(nn.Module):
         # x: [T, hidden]; mask: [T, T] bool, True where query t may attend key s
         q, k, v = self._qkv(x, cos, sin)
         cache.write(layer, slots, positions, k, v)
-        scores = torch.einsum("thgd,shd->hgts", self._grouped(q), k) * self.scale
-        scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        out = torch.einsum("hgts,shd->thgd", probs, v)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        t, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        # As in decode: one batch dim (kv_heads), the group's queries stacked as rows.
+        q = q.view(t, kv, group, self.head_dim).permute(1, 2, 0, 3).reshape(kv, group * t, self.head_dim)
+        k, v = k.permute(1, 0, 2), v.permute(1, 0, 2)  # [kv, T, D]
+        scores = torch.bmm(q, k.transpose(1, 2)).float() * self.scale  # [kv, G*T, T]
+        scores = scores.view(kv, group, t, t).masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = scores.softmax(dim=-1).to(v.dtype).view(kv, group * t, t)
+        out = torch.bmm(probs, v).view(kv, group, t, self.head_dim)  # [kv, G, T, D]
+        return self.o_proj(out.permute(2, 0, 1, 3).reshape(t, -1))
 
     def decode(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions, attention_len):
         # x: [B, hidden]; mask: [B, attention_len] bool over cache positions
