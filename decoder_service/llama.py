@@ -95,17 +95,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def _grouped(self, q):
-        # [N, heads, D] -> [N, kv_heads, group, D]: GQA without materialising repeated K/V.
-        return q.view(q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-
     def prefill(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions):
         # x: [T, hidden]; mask: [T, T] bool, True where query t may attend key s
         q, k, v = self._qkv(x, cos, sin)
         cache.write(layer, slots, positions, k, v)
         t, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
-        # As in decode: one batch dim (kv_heads), the group's queries stacked as rows.
-        q = q.view(t, kv, group, self.head_dim).permute(1, 2, 0, 3).reshape(kv, group * t, self.head_dim)
+        # As in decode: one batch dim (kv_heads); a group's queries share their K/V head, so they
+        # stack as rows (GQA without materialising repeated K/V).
+        q = q.view(t, kv, group, self.head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(kv, group * t, self.head_dim)
         k, v = k.permute(1, 0, 2), v.permute(1, 0, 2)  # [kv, T, D]
         scores = torch.bmm(q, k.transpose(1, 2)).float() * self.scale  # [kv, G*T, T]
         scores = scores.view(kv, group, t, t).masked_fill(~mask, torch.finfo(torch.float32).min)
