@@ -21,14 +21,17 @@ from ray import serve
 
 from decoder_service.config import DecoderConfig
 from deploy.colocated import ColocatedDeployment
-from deploy.decoder import DecoderDeployment
+from deploy.decoder import DRAIN_OPTIONS, DecoderDeployment
 from deploy.encoder import EncoderDeployment
 from deploy.router import RouterServer
 from encoder_service.config import EncoderConfig
+from router.http_api import DEFAULT_MAX_REQUEST_BYTES
 
 # The router only waits on I/O: it asks for no CPU, so it always fits beside the services.
+# It relays streams, so a router replica that is being replaced drains like a decoder replica.
 RouterDeployment = serve.deployment(name="router", max_ongoing_requests=512,
-                                    ray_actor_options={"num_cpus": 0})(RouterServer)
+                                    ray_actor_options={"num_cpus": 0},
+                                    **DRAIN_OPTIONS)(RouterServer)
 
 
 class AppArgs(BaseModel):
@@ -44,6 +47,9 @@ class AppArgs(BaseModel):
     encoder: dict[str, Any] = Field(default_factory=dict)  # EncoderConfig fields
     decoder: dict[str, Any] = Field(default_factory=dict)  # DecoderConfig fields
     fetch: dict[str, Any] = Field(default_factory=dict)  # router.images.FetchPolicy fields
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1)  # larger bodies: 413
+    # How long a replica being replaced or scaled down may take to finish its requests.
+    drain_timeout_s: float | None = Field(default=None, gt=0)  # None: the deployments' defaults
     encoder_replicas: int | None = Field(default=None, ge=1)
     decoder_replicas: int | None = Field(default=None, ge=1)
     router_replicas: int | None = Field(default=None, ge=1)
@@ -74,15 +80,18 @@ def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     if "allowed_hosts" in fetch:
         fetch["allowed_hosts"] = frozenset(fetch["allowed_hosts"])
     settings = {"served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
-                "fetch": fetch}
+                "fetch": fetch, "max_request_bytes": args.max_request_bytes}
+    drain = {} if args.drain_timeout_s is None else {"graceful_shutdown_timeout_s": args.drain_timeout_s}
 
     if args.layout == "disaggregated":
-        encoder = EncoderDeployment.options(**_options(args.encoder_replicas)).bind(encoder_config)
-        decoder = DecoderDeployment.options(**_options(args.decoder_replicas)).bind(decoder_config)
+        encoder = EncoderDeployment.options(**_options(args.encoder_replicas), **drain).bind(encoder_config)
+        decoder = DecoderDeployment.options(**_options(args.decoder_replicas), **drain).bind(decoder_config)
     else:
         if args.encoder_replicas or args.decoder_replicas:
             raise ValueError("encoder_replicas/decoder_replicas: the colocated layout has one "
                              "deployment; set its replicas in the Serve config")
-        encoder = decoder = ColocatedDeployment.bind(encoder_config, decoder_config)
-    return RouterDeployment.options(**_options(args.router_replicas)).bind(encoder, decoder, settings)
+        encoder = decoder = ColocatedDeployment.options(**{**DRAIN_OPTIONS, **drain}).bind(
+            encoder_config, decoder_config)
+    return RouterDeployment.options(**_options(args.router_replicas), **drain).bind(
+        encoder, decoder, settings)
 

@@ -3,6 +3,12 @@
 The replica compiles every bucket in its constructor, so Serve routes to it only
 once it is warm. The app builder (`deploy/app.py`) sets replicas, resources and
 autoscaling through `.options(...)`.
+
+Draining: a replica that a redeploy or a scale-down retires stops getting new
+requests at once, and Serve waits (polling every `graceful_shutdown_wait_loop_s`)
+until its streams have finished, up to `graceful_shutdown_timeout_s`, before it
+stops the engine and kills the process. Serve's default of 20 s would cut long
+generations short; `DRAIN_OPTIONS` gives them minutes.
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ class DecoderServer:
     def check_health(self) -> None:
         if not self.service.is_ready:
             raise RuntimeError("decoder warm-up has not finished")
+        # A dead engine thread would leave every request waiting forever: fail the check so
+        # Serve replaces the replica (its callers then get a 503). The engine has no public
+        # liveness flag yet, hence the private attribute.
+        thread = getattr(self.service.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the decoder engine thread has stopped")
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)
@@ -66,5 +78,9 @@ class DecoderServer:
             service.shutdown()
 
 
+# How a retiring replica drains (router and colocated replicas relay the same streams).
+DRAIN_OPTIONS = {"graceful_shutdown_timeout_s": 300.0, "graceful_shutdown_wait_loop_s": 1.0}
+
 # Requests beyond the KV-cache slots wait in the engine's queue, so accept plenty.
-DecoderDeployment = serve.deployment(name="decoder", max_ongoing_requests=128)(DecoderServer)
+DecoderDeployment = serve.deployment(name="decoder", max_ongoing_requests=128,
+                                     **DRAIN_OPTIONS)(DecoderServer)

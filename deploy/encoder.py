@@ -14,10 +14,15 @@ from ray import serve
 
 from deploy.autoscaling import IMAGES_IN_FLIGHT
 from encoder_service.config import EncoderConfig
-from deploy.metrics import ENCODER_SERIES, StatsExporter
+from deploy.metrics import ENCODER_SERIES, Series, StatsExporter
 from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, ItemError
 from runtime.object_store import RayObjectStore
+
+
+# Images inside `encode` calls on this replica: back to 0 once traffic stops, faults included.
+IN_FLIGHT_SERIES = Series("splitserve_encoder_images_in_flight", ("images_in_flight",), "gauge",
+                          "Images in encode calls on this replica")
 
 
 class EncoderServer:
@@ -26,7 +31,8 @@ class EncoderServer:
             config = EncoderConfig(**config)
         self.service = EncoderService(config, RayObjectStore())
         self._images_in_flight = 0
-        self._metrics = StatsExporter("encoder", self.service.stats, ENCODER_SERIES, buckets=True)
+        self._metrics = StatsExporter("encoder", self.stats, ENCODER_SERIES + (IN_FLIGHT_SERIES,),
+                                      buckets=True)
 
     async def encode(self, images: list[bytes],
                      request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
@@ -48,7 +54,7 @@ class EncoderServer:
                 "config": {k: v for k, v in asdict(self.service.config).items() if k != "buckets"}}
 
     def stats(self) -> dict:
-        return self.service.stats()
+        return {**self.service.stats(), "images_in_flight": self._images_in_flight}
 
     def check_health(self) -> None:
         if not self.service.is_ready:
@@ -61,7 +67,10 @@ class EncoderServer:
 
 
 # Many requests in flight per replica: that is what lets the batcher gather across them.
-EncoderDeployment = serve.deployment(name="encoder", max_ongoing_requests=64)(EncoderServer)
+# An encode call takes well under a second: a retiring replica needs little time to drain.
+EncoderDeployment = serve.deployment(name="encoder", max_ongoing_requests=64,
+                                     graceful_shutdown_timeout_s=60.0,
+                                     graceful_shutdown_wait_loop_s=1.0)(EncoderServer)
 
 
 def build_encoder_app(args: dict) -> serve.Application:

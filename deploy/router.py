@@ -9,6 +9,10 @@ shapes. Handle API, from another Serve app or a driver:
     reply = await handle.chat.remote({"messages": [...]})                    # a dict
     async for chunk in handle.options(stream=True).chat.remote({..., "stream": True}):
         ...                                                                  # chunk dicts
+
+The handle clients turn Ray's transport failures (a replica that died or is
+unreachable, a deployment with no replica, a full queue) into `ServiceUnavailable`,
+which the service retries once where it can and otherwise answers with a 503.
 """
 
 from __future__ import annotations
@@ -18,21 +22,45 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deploy.metrics import ROUTER_SERIES, LatencyMetrics, StatsExporter
+from deploy.metrics import ROUTER_SERIES, LatencyMetrics, Series, StatsExporter
 from router import http_api
 from router.images import FetchPolicy
 from router.schemas import ChatCompletionRequest
-from router.service import RouterConfig, RouterService
+from router.service import RouterConfig, RouterService, ServiceUnavailable
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
 
 HEALTH_TIMEOUT_S = 5.0
 
+# What a router replica reports beyond ROUTER_SERIES: retries after faults, and a gauge that
+# must return to 0 once traffic stops (nothing stranded after a fault).
+RELIABILITY_SERIES = (
+    Series("splitserve_router_encoder_retries", ("encoder_retries",), "counter",
+           "Encoder calls retried after a replica failure or a retryable item error"),
+    Series("splitserve_router_decoder_retries", ("decoder_retries",), "counter",
+           "Decoder calls retried after a failure before the first token"),
+    Series("splitserve_router_requests_generating", ("requests_generating",), "gauge",
+           "Requests between their first decoder call and their last chunk"),
+)
+
 http_app = FastAPI(title="splitserve", description="OpenAI-compatible VLM serving, encoder and "
                    "decoder disaggregated")
 http_app.router.redirect_slashes = False
+http_app.add_middleware(http_api.BodySizeLimit)
 http_api.install_error_handlers(http_app)
+
+
+def unavailable(what: str, error: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the {what} is unavailable ({type(error).__name__})")
+
+
+# Ray's transport failures: the replica died or cannot be reached, the deployment has no
+# replica, or its queue is full. An exception raised by the service itself is not one of these.
+TRANSPORT_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, BackPressureError,
+                    DeploymentUnavailableError, ReplicaUnavailableError)
 
 
 class HandleEncoder:
@@ -40,7 +68,10 @@ class HandleEncoder:
         self.handle = handle
 
     async def encode(self, images: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]:
-        return await self.handle.encode.remote(images, request_id)
+        try:
+            return await self.handle.encode.remote(images, request_id)
+        except TRANSPORT_ERRORS as error:
+            raise unavailable("encoder replica", error) from error
 
 
 class HandleDecoder:
@@ -52,6 +83,8 @@ class HandleDecoder:
         try:
             async for chunk in stream:
                 yield chunk
+        except TRANSPORT_ERRORS as error:
+            raise unavailable("decoder replica serving this request", error) from error
         finally:
             stream.cancel()  # no-op once finished; otherwise the replica aborts the sequence
 
@@ -72,8 +105,11 @@ class RouterServer:
         self._service: RouterService | None = None
         self._lock = asyncio.Lock()
         self._latency = LatencyMetrics()
+        http_app.state.max_request_bytes = settings.get("max_request_bytes",
+                                                        http_api.DEFAULT_MAX_REQUEST_BYTES)
         self._metrics = StatsExporter(
-            "router", lambda: self._service.counters if self._service else {}, ROUTER_SERIES)
+            "router", lambda: self._service.counters if self._service else {},
+            ROUTER_SERIES + RELIABILITY_SERIES)
         # Serve runs the constructor on the replica's event loop: start building the service
         # now, so the first request does not pay for loading the processor.
         self._warming = asyncio.get_event_loop().create_task(self.service())

@@ -3,7 +3,11 @@
 Decoding is guarded: the encoded size and the pixel count (read from the header,
 before any pixel is decoded) are checked against limits, so a small file that
 claims a huge canvas (a decompression bomb) is refused without allocating it.
-Every failure is an `ImageRejected` saying what is wrong; the caller names the item.
+Only raster formats a client can be expected to send are opened (PNG, JPEG, WebP,
+single-frame GIF, as OpenAI accepts), so no other PIL plugin ever parses client
+bytes; an extreme aspect ratio is refused too, since resizing its shortest edge
+to the tower's size would blow the long edge up. Every failure is an
+`ImageRejected` saying what is wrong; the caller names the item.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL format names
+MULTI_FRAME_FORMATS = ("PNG", "WEBP", "GIF")  # APNG, animated WebP and GIF: refused when animated
+MAX_ASPECT_RATIO = 200  # long edge / short edge, the bound Qwen2-VL's processor sets too
 
 
 class ImageRejected(ValueError):
@@ -53,21 +62,32 @@ class Preprocessor:
 
         self.check_bytes(data)
         try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # reads the header only
             width, height = image.size
             if width * height > self.max_image_pixels:
                 raise ImageRejected(
                     f"{width}x{height} = {width * height} pixels is over the limit of "
                     f"{self.max_image_pixels} (max_image_pixels)")
+            if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+                raise ImageRejected(f"{width}x{height} has an aspect ratio over "
+                                    f"{MAX_ASPECT_RATIO}:1")
+            if image.format in MULTI_FRAME_FORMATS and getattr(image, "is_animated", False):
+                raise ImageRejected(f"animated {image.format} images are not accepted; send a "
+                                    "single frame")
             image.load()  # decodes now, so a truncated file fails here, naming the item
             # The processor's own RGB conversion composites transparency onto white; use it.
             return image if self.converts_rgb else image.convert("RGB")
         except ImageRejected:
             raise
         except Image.UnidentifiedImageError as error:
-            raise ImageRejected("not an image in a format PIL can read") from error
+            if _looks_like_svg(data):
+                raise ImageRejected("SVG is a vector format, not a raster image; send PNG, JPEG, "
+                                    "WebP or GIF") from error
+            raise ImageRejected("not an image in a format PIL can read among those accepted "
+                                "(PNG, JPEG, WebP, single-frame GIF)") from error
         except Image.DecompressionBombError as error:  # PIL's own limit, above ours by default
-            raise ImageRejected(f"refused as a decompression bomb ({error})") from error
+            raise ImageRejected(f"refused as a decompression bomb ({error}); the limit is "
+                                f"{self.max_image_pixels} pixels (max_image_pixels)") from error
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... per format
             raise ImageRejected(f"not a decodable image ({type(error).__name__}: "
                                 f"{error})") from error
@@ -83,6 +103,11 @@ def load_image_processor(path):
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(path)
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = bytes(data[:1024]).lstrip(b"\xef\xbb\xbf \t\r\n").lower()  # BOM, whitespace
+    return head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) and b"<svg" in bytes(data[:65536]).lower()
 
 
 def _probe_image():

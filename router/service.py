@@ -4,11 +4,20 @@ Per request: render and tokenize the prompt; load each image's bytes; key them
 (`runtime.image_key`, the encoder's own key); images the router has seen recently
 reuse their embedding reference and skip the encoder; the rest go to the encoder
 in one call; then token ids plus references go to a decoder replica, whose chunks
-stream back. An embedding that vanished (its owner died) is re-encoded once.
+stream back.
 
-Runs on the caller's asyncio loop; the encoder and decoder are reached through
-the small client protocols below, so the same class serves behind Ray Serve
-handles (`deploy/`) or in one process (tests, colocated layout).
+Faults, each retried once where nothing has reached the client yet: an encoder call
+whose replica died (`ServiceUnavailable` from the client) or that reports a
+retryable item error is sent again; a decoder call that fails before its first
+chunk, because its replica died or an embedding vanished with its owner
+(`EmbeddingLostError`, re-encoded first), is sent again. A second failure, or one
+after the first chunk, ends the request with `ServiceUnavailable` (a 503).
+
+Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
+thread (a long prompt must not stall other requests; the tokenizer is not shared
+across threads). The encoder and decoder are reached through the small client
+protocols below, so the same class serves behind Ray Serve handles (`deploy/`) or
+in one process (tests, colocated layout).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -72,6 +82,16 @@ class ModelNotFound(LookupError):
     pass
 
 
+class ServiceUnavailable(RuntimeError):
+    """The encoder or the decoder cannot serve this request now (its replica died, it is
+    overloaded or shutting down); a client may retry. Clients raise it for transport failures."""
+
+
+# Characters of text per token of context beyond which a prompt is refused before tokenizing:
+# far above any real text (English runs at about 4), so only prompts that could never fit.
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+
+
 @dataclass(frozen=True)
 class _Prepared:
     request: GenerateRequest
@@ -105,8 +125,10 @@ class RouterService:
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
         self._http = httpx.AsyncClient()
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="router-prompt")
         self.counters = {"router_image_hits": 0, "encoder_calls": 0, "images_encoded": 0,
-                         "reencoded_lost": 0}
+                         "reencoded_lost": 0, "encoder_retries": 0, "decoder_retries": 0,
+                         "requests_generating": 0}
 
     # --- public ------------------------------------------------------------------------
     async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
@@ -141,10 +163,21 @@ class RouterService:
                                 f"{self.config.served_model_name!r}")
 
     # --- steps -------------------------------------------------------------------------
+    def check_prompt_size(self, body: ChatCompletionRequest) -> None:
+        chars = sum(len(m.content) if isinstance(m.content, str) else
+                    sum(len(p.text) for p in m.content if p.type == "text")
+                    for m in body.messages if m.content)
+        limit = self.config.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
+        if chars > limit:
+            raise ValueError(f"messages: {chars} characters of text cannot fit a context of "
+                             f"{self.config.max_model_len} tokens (at most {limit} characters)")
+
     async def _prepare(self, body: ChatCompletionRequest, request_id: str) -> _Prepared:
         arrived = time.monotonic()
         self.check_model(body.model)
-        prompt = self.prompts.build(body.messages)
+        self.check_prompt_size(body)
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, self.prompts.build, body.messages)
         if len(prompt.images) > self.config.max_images_per_request:
             raise ValueError(f"messages: at most {self.config.max_images_per_request} images per "
                              f"request, got {len(prompt.images)}")
@@ -180,18 +213,43 @@ class RouterService:
         known = {k: self._known[k] for k in keys if k in self._known}
         self.counters["router_image_hits"] += sum(k in known for k in keys)
         missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
-        if missing:
-            first_index = {k: keys.index(k) for k in missing}
-            self.counters["encoder_calls"] += 1
-            self.counters["images_encoded"] += len(missing)
-            results = await self.encoder.encode([blobs[first_index[k]] for k in missing], request_id)
+        first_index = {k: keys.index(k) for k in missing}
+        retried = False  # one retry per request, for a failed call or for retryable item errors
+        while missing:
+            try:
+                results = await self._encode([blobs[first_index[k]] for k in missing], request_id)
+            except ServiceUnavailable as error:
+                if retried:
+                    raise
+                retried = self._count_retry("encoder", request_id, error)
+                continue
+            retry = []
             for key, result in zip(missing, results):
+                field = fields[first_index[key]]
+                if isinstance(result, ItemError) and not result.retryable:
+                    raise ImageInputError(field, result.message)
+                if isinstance(result, ItemError) and retried:
+                    raise ServiceUnavailable(f"{field}: the encoder failed twice: {result.message}")
                 if isinstance(result, ItemError):
-                    raise ImageInputError(fields[first_index[key]], result.message)
+                    retry.append(key)
+                    continue
                 known[key] = result
                 self._remember(key, result)
+            if retry:
+                retried = self._count_retry("encoder", request_id, f"{len(retry)} item error(s)")
+            missing = retry
         refs = [known[k] for k in keys]
         return refs  # type: ignore[return-value]
+
+    async def _encode(self, blobs: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]:
+        self.counters["encoder_calls"] += 1
+        self.counters["images_encoded"] += len(blobs)
+        return await self.encoder.encode(blobs, request_id)
+
+    def _count_retry(self, service: str, request_id: str, why) -> bool:
+        log.warning("request %s: the %s failed (%s); trying again", request_id, service, why)
+        self.counters[f"{service}_retries"] += 1
+        return True
 
     def _remember(self, key: str, ref: EmbeddingRef) -> None:
         self._known[key] = ref
@@ -200,9 +258,10 @@ class RouterService:
             self._known.popitem(last=False)
 
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
-        """Decoder chunks. If an embedding was lost before the first chunk (its owner died),
-        the images are encoded again and the request retried, once."""
+        """Decoder chunks. A failure before the first chunk (an embedding lost with its owner,
+        which is encoded again, or a decoder replica that died) is retried, once."""
         request, outcome = prepared.request, "cancelled"
+        self.counters["requests_generating"] += 1
         try:
             for attempt in range(2):
                 stream = self.decoder.generate(request)
@@ -218,6 +277,11 @@ class RouterService:
                         self._known.pop(key, None)
                     refs = await self._embed(prepared.blobs, prepared.fields, request.request_id)
                     request = dataclasses.replace(request, images=tuple(refs))
+                    continue
+                except ServiceUnavailable as error:
+                    if attempt:
+                        raise
+                    self._count_retry("decoder", request.request_id, error)
                     continue
                 last = time.monotonic()
                 self.observer.first_token(last - prepared.arrived)
@@ -236,7 +300,9 @@ class RouterService:
             outcome = "error"
             raise
         finally:
+            self.counters["requests_generating"] -= 1
             self.observer.finished(outcome)
 
     async def close(self) -> None:
         await self._http.aclose()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
