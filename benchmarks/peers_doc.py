@@ -75,7 +75,10 @@ def render_section(results: dict, plot_path: Path) -> str:
            f"{w['output_tokens']} output tokens (greedy), streamed; one warm-up request before each run. "
            "Each server runs alone: the previous one is stopped before the next starts. The machine is "
            "shared with other work; before each run the script waits (up to a bound) for the CPU to "
-           "go quiet, and records how busy it was (below).", "",
+           "go quiet, and records how busy it was (below). The client and every server ran at "
+           f"niceness {results['nice']}, process and session autogroup (so other sessions' work "
+           "takes less of the CPU from them); splitserve's Ray workers at the same "
+           "(`RAY_worker_niceness=0`; Ray's default would put them at +15 against the peers' 0).", "",
            f"![output tok/s and TTFT per concurrency]({plot_path.as_posix()})", "",
            "### Throughput and latency", "",
            "Ratio: splitserve / the best peer mode (for latencies the lowest; below 1 is better there).", "",
