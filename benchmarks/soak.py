@@ -5,6 +5,11 @@ splitserve server on this machine, while the resident memory of its replicas is 
     .venv/bin/python -m benchmarks.soak --url http://127.0.0.1:8000 --app splitserve \\
         --requests 600 --concurrency 16 --out soak.json
 
+or, self-contained (a local Ray, the app deployed under `--app`, torn down afterwards):
+
+    .venv/bin/python -m benchmarks.soak --deploy '{"decoder": {"max_num_seqs": 8}}' \\
+        --app soak --port 18000 --requests 2400 --out soak.json
+
 The mix is seeded: text-only and image chats, whole and streamed, images drawn from a
 small pool (so most repeat: cache hits) plus fresh ones, clients that leave mid-stream,
 and hostile requests that must be refused with a 4xx. An *unexpected* outcome is anything
@@ -288,6 +293,30 @@ async def soak(url: str, app: str, num_requests: int = 600, concurrency: int = 1
     }
 
 
+def deploy_and_soak(app_args: dict, app: str, port: int, **soak_args) -> dict:
+    """Starts a local Ray, deploys `build_app(app_args)` as `app` on 127.0.0.1:`port`, runs
+    the soak against it, and shuts everything down."""
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(app_args), name=app, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while httpx.get(f"{url}/health", timeout=10).status_code != 200:  # warm-up has finished
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url}/health did not answer 200 in 900 s")
+            time.sleep(1)
+        return asyncio.run(soak(url, app, **soak_args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (this machine only)")
@@ -298,12 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="bound on the whole run")
     parser.add_argument("--out", type=Path, help="write the JSON summary here")
+    parser.add_argument("--deploy", metavar="APP_ARGS_JSON",
+                        help="start a local Ray and deploy the app (deploy.app.AppArgs) first")
+    parser.add_argument("--port", type=int, default=8000, help="with --deploy: the HTTP port")
     args = parser.parse_args(argv)
-    host = httpx.URL(args.url).host
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        parser.error("the soak sends traffic to this machine only (127.0.0.1, localhost, ::1)")
-    result = asyncio.run(soak(args.url, args.app, args.requests, args.concurrency, args.seed,
-                              sample_s=args.sample_s, timeout_s=args.timeout_s))
+    soak_args = {"num_requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
+                 "sample_s": args.sample_s, "timeout_s": args.timeout_s}
+    if args.deploy is not None:
+        result = deploy_and_soak(json.loads(args.deploy), args.app, args.port, **soak_args)
+    else:
+        if httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
+            parser.error("the soak sends traffic to this machine only (127.0.0.1, localhost, ::1)")
+        result = asyncio.run(soak(args.url, args.app, **soak_args))
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text)
