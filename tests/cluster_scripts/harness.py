@@ -67,6 +67,20 @@ def arm_deadline(timeout_s: float) -> None:
     signal.alarm(int(timeout_s))
 
 
+def _retry_start(start, attempts: int = 3):
+    """Ray gives a new raylet a fixed 30 s to register with the GCS; on an overloaded machine
+    that can pass. Such a start is tried again rather than failing the run."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except Exception as error:  # noqa: BLE001: Ray raises a bare Exception here
+            if "timed out during startup" not in str(error) or attempt == attempts - 1:
+                raise
+            print(f"cluster: a node timed out during startup; trying again ({error})",
+                  file=sys.stderr, flush=True)
+            time.sleep(5)
+
+
 @contextlib.contextmanager
 def local_cluster(head: dict, workers: list[dict]):
     """A head and worker nodes (raylets on this machine); yields (cluster, [worker nodes]).
@@ -80,10 +94,10 @@ def local_cluster(head: dict, workers: list[dict]):
     os.environ.update(REPLICA_ENV)
     temp_dir = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     small = {"object_store_memory": 100 * 2**20, "include_dashboard": False, "temp_dir": temp_dir}
-    cluster = Cluster(initialize_head=True, head_node_args={**small, **head})
+    cluster = _retry_start(lambda: Cluster(initialize_head=True, head_node_args={**small, **head}))
     failed = True
     try:
-        nodes = [cluster.add_node(**{**small, **spec}) for spec in workers]
+        nodes = [_retry_start(lambda spec=spec: cluster.add_node(**{**small, **spec})) for spec in workers]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, nodes
