@@ -6,8 +6,14 @@ Each server runs alone (started, measured, stopped before the next starts), so n
 the CPU with another. All get the same workloads from `splitserve bench`: concurrency 1, 4
 and 16 with 8, 16 and 32 requests, one new photo crop per request, fixed output lengths
 (splitserve: `ignore_eos`; transformers serve rejects that field, so it gets a
-`generation_config` with `min_new_tokens` = `max_new_tokens`), then a cache run at
-concurrency 1 where half the images repeat earlier ones, for cached-vs-uncached TTFT.
+`generation_config` with `min_new_tokens` = `max_new_tokens`); a cache run at concurrency
+1 where half the images repeat earlier ones, for cached-vs-uncached TTFT; and concurrency 16
+with longer answers (`--long-output-tokens`), where decoding rather than prefill dominates.
+
+On a shared machine: before each run the script waits (bounded) for other work to leave the
+CPU and records how busy it was; it runs itself and every server at `--nice` (process and
+session autogroup, which needs root for negative values). `--merge` re-runs some servers and
+keeps the others' results. About 45 minutes on 2 cores for the `small` checkpoint.
 
 Raw reports (JSON + PNG per run, server logs) go to `bench-results/peers/`; the tables,
 machine, versions and command lines go into `docs/benchmarks.md` under SECTION (other
@@ -100,6 +106,41 @@ def cpu_busy(sample_s: float = 5.0) -> float:
     return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
+class OtherWork:
+    """CPU time that neither the server (its session: every process it started, Ray's
+    included) nor this script used, as a share of both cores over a run."""
+
+    TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, server_pid: int):
+        self.sessions = {server_pid, os.getsid(0)}
+
+    def _ours_s(self) -> float:
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended
+                continue
+            if int(fields[3]) in self.sessions:  # session id
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total * self.TICK_S
+
+    @classmethod
+    def _busy_s(cls) -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) * cls.TICK_S
+
+    def __enter__(self):
+        self.t0, self.busy0, self.ours0 = time.monotonic(), self._busy_s(), self._ours_s()
+        return self
+
+    def __exit__(self, *exc):
+        busy, ours = self._busy_s() - self.busy0, self._ours_s() - self.ours0
+        self.share = max(0.0, busy - ours) / ((time.monotonic() - self.t0) * os.cpu_count())
+        return False
+
+
 def wait_quiet(max_wait_s: float, busy_below: float = 0.15) -> float:
     """Waits (up to max_wait_s) until other work leaves the CPU mostly idle, so it is not
     measured too. Returns the busy fraction seen last."""
@@ -163,18 +204,27 @@ def stop(process: subprocess.Popen, signum: int) -> None:
 
 
 def configs(server: Server, args) -> dict[str, BenchConfig]:
-    fixed = {} if server.ignore_eos else {"generation_config": json.dumps(
-        {"max_new_tokens": args.output_tokens, "min_new_tokens": args.output_tokens, "do_sample": False})}
-    base = BenchConfig(base_url=f"{server.url}/v1", model=server.model, ignore_eos=server.ignore_eos,
-                       extra_body=fixed, warmup_requests=1, timeout_s=args.run_timeout_s,
-                       request_timeout_s=args.run_timeout_s)
-    workload = WorkloadSpec(prompt_words=args.prompt_words, output_tokens=args.output_tokens)
-    runs = {f"c{c}": replace(base, max_concurrency=c, label=f"{server.name} c{c}",
-                             workload=replace(workload, num_requests=n, seed=100 + c))
+    def fixed_length(tokens: int) -> dict:
+        if server.ignore_eos:
+            return {}
+        return {"generation_config": json.dumps(
+            {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False})}
+
+    def run(label: str, concurrency: int, **workload) -> BenchConfig:
+        spec = replace(base_workload, **workload)
+        return BenchConfig(base_url=f"{server.url}/v1", model=server.model, workload=spec,
+                           max_concurrency=concurrency, ignore_eos=server.ignore_eos,
+                           extra_body=fixed_length(spec.output_tokens), warmup_requests=1,
+                           timeout_s=args.run_timeout_s, request_timeout_s=args.run_timeout_s,
+                           label=f"{server.name} {label}")
+
+    base_workload = WorkloadSpec(prompt_words=args.prompt_words, output_tokens=args.output_tokens)
+    runs = {f"c{c}": run(f"c{c}", c, num_requests=n, seed=100 + c)
             for c, n in LEVELS if c in args.concurrency}
-    runs["cache"] = replace(base, max_concurrency=1, label=f"{server.name} cache",
-                            workload=replace(workload, num_requests=args.cache_requests,
-                                             repeat_ratio=0.5, seed=7))
+    runs["cache"] = run("cache", 1, num_requests=args.cache_requests, repeat_ratio=0.5, seed=7)
+    if args.long_output_tokens:  # where decoding, not prefill, dominates the work
+        runs["c16-long"] = run("c16-long", 16, num_requests=32, output_tokens=args.long_output_tokens,
+                               seed=216)
     return runs
 
 
@@ -199,9 +249,12 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
               "started_at": time.strftime("%H:%M")}
     try:
         for name, config in configs(server, args).items():
+            if args.runs and name not in args.runs:
+                continue
             busy_before = wait_quiet(args.wait_quiet_s)
-            report, _ = run_bench(config)
-            report["cpu_busy_before"] = busy_before
+            with OtherWork(process.pid) as other:
+                report, _ = run_bench(config)
+            report["cpu_busy_before"], report["cpu_other_during"] = busy_before, other.share
             stem = out_dir / f"{server.name}-{name}"
             write_json(report, stem.with_suffix(".json"))
             plot_png(report, stem.with_suffix(".png"))
@@ -210,7 +263,8 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
             print(f"[{time.strftime('%H:%M:%S')}] {server.name} {name}: "
                   f"{report['output_throughput']:.1f} output tok/s, TTFT median "
                   f"{(report['ttft_ms'] or {}).get('median', float('nan')):.0f} ms, "
-                  f"{report['errors']} errors (CPU {busy_before:.0%} busy before)", flush=True)
+                  f"{report['errors']} errors (CPU {busy_before:.0%} busy before, other work "
+                  f"{other.share:.0%} during)", flush=True)
     finally:
         stop(process, server.stop_signal)
     return result
@@ -237,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=32)
     parser.add_argument("--cache-requests", type=int, default=16)
+    parser.add_argument("--long-output-tokens", type=int, default=128,
+                        help="also run concurrency 16 with this many output tokens (0: skip)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--run-timeout-s", type=float, default=900.0, help="bound on each bench run")
@@ -246,13 +302,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="niceness of this script, hence of the servers and the client (a "
                         "negative value needs root): on a shared machine, other work then takes "
                         "less of the CPU from what is measured")
+    parser.add_argument("--runs", help="only these runs (of c1,c4,c16,cache,c16-long)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other servers' results from OUT_DIR/summary.json (re-run one "
-                        "server, e.g. after other work disturbed it)")
+                        help="keep earlier results from OUT_DIR/summary.json, replacing only the "
+                        "runs made now (e.g. one that other work on the machine disturbed)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results" / "peers")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     args.concurrency = {int(c) for c in args.concurrency.split(",")}
+    args.runs = set(args.runs.split(",")) if args.runs else None
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.nice:
         prioritize(os.getpid(), args.nice)
@@ -270,9 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(summary.read_text())
         results["servers"] = previous["servers"]
         results["script"] = f"{previous['script']}; then {results['script']}"
-        results["started_at"] = f"{previous['started_at']} (re-run of {args.servers}: {results['started_at']})"
+        rerun = ",".join(sorted(args.runs or ["all runs"]))
+        results["started_at"] = (f"{previous['started_at']}; re-run of {rerun} on {args.servers}: "
+                                 f"{results['started_at']}")
     for name in args.servers.split(","):
-        results["servers"][name] = run_server(known[name], args, args.out_dir)
+        result = run_server(known[name], args, args.out_dir)
+        if name in results["servers"]:  # --merge: the runs made now replace their earlier ones
+            earlier = results["servers"][name]
+            result["runs"] = {**earlier["runs"], **result["runs"]}
+            result["commands"] = {**earlier["commands"], **result["commands"]}
+            result["started_at"] = f"{earlier.get('started_at', '')}, {result['started_at']}"
+        results["servers"][name] = result
         write_json(results, summary)  # what finished, if a later one fails
     plot = plot_peers(results, args.doc.parent / "benchmarks-peers.png")
     update_doc(args.doc, render_section(results, plot.relative_to(args.doc.parent)))

@@ -10,6 +10,7 @@ ANALYSIS = "### Analysis"
 TITLES = {"transformers": "transformers serve", "transformers-cb": "transformers serve --continuous-batching",
           "splitserve": "splitserve"}
 PEERS = ("transformers", "transformers-cb")
+RUN_ORDER = ("c1", "c4", "c16", "c16-long", "cache")
 ROWS = (  # (label, key, stat, higher is better)
     ("output tok/s", "output_throughput", None, True),
     ("requests/s", "request_throughput", None, True),
@@ -56,14 +57,13 @@ def _cache_ratio(run: dict | None) -> tuple[float | None, float | None, float | 
 def render_section(results: dict, plot_path: Path) -> str:
     servers, m = results["servers"], results["machine"]
     names = [n for n in TITLES if n in servers]
-    runs = [r for r in ("c1", "c4", "c16") if any(r in s["runs"] for s in servers.values())]
-    any_run = next(iter(next(iter(servers.values()))["runs"].values()))
-    w = any_run["workload"]
+    runs = [r for r in RUN_ORDER[:-1] if any(r in s["runs"] for s in servers.values())]
+    w = next(iter(servers.values()))["runs"]["c1"]["workload"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     out = [SECTION, "",
-           f"A real run, {results['started_at']}, commit `{m['commit']}`, by "
-           f"`{results['script']}`. Raw reports (JSON and PNG per run, server logs): "
-           "`bench-results/peers/` (not committed).", "",
+           f"Measured {results['started_at']} (commit `{m['commit']}`), by:", "", "```",
+           *results["script"].split("; then "), "```", "",
+           "Raw reports (JSON and PNG per run, server logs): `bench-results/peers/` (not committed).", "",
            f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, {m['os']}; "
            f"Python {m['python']}; {versions}. No accelerator: splitserve runs XLA on the CPU "
            "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`).",
@@ -88,6 +88,8 @@ def render_section(results: dict, plot_path: Path) -> str:
     for run_name in runs:
         run = next(s["runs"][run_name] for s in servers.values() if run_name in s["runs"])
         level = f"{run['config']['max_concurrency']} ({run['workload']['num_requests']})"
+        if run["workload"]["output_tokens"] != w["output_tokens"]:
+            level += f", {run['workload']['output_tokens']} output tokens"
         for label, key, stat, higher in ROWS:
             cells = [_fmt(metric(servers[n]["runs"].get(run_name), key, stat)) for n in names]
             ratio = ratio_to_best_peer(results, run_name, key, stat, higher)
@@ -110,22 +112,30 @@ def render_section(results: dict, plot_path: Path) -> str:
                    f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
 
     throughput = ratio_to_best_peer(results, "c16", "output_throughput", None, True)
+    long = ratio_to_best_peer(results, "c16-long", "output_throughput", None, True)
     cache = _cache_ratio(servers.get("splitserve", {}).get("runs", {}).get("cache"))[2]
     out += ["", "### Targets", "",
             _target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
                     throughput, lambda r: r >= 2.0, "x"),
+            _target("the same with longer answers (the `c16-long` rows; not the target's workload)",
+                    long, lambda r: r >= 2.0, "x"),
             _target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
                     lambda r: r <= 0.5, ""),
             "", "### Start-up and other work on the machine", "",
-            "CPU busy: the share of both cores other processes used in the 5 s before each run "
-            "(the server under test idle).", "",
-            "| server | start-up to healthy /health (s) | CPU busy before c1 / c4 / c16 / cache |",
-            "|---|---|---|"]
+            "Other work: the share of both cores used by processes other than the server under test "
+            "and the client, in the 5 s before each run (server idle) / during the run "
+            "(`-`: not measured; the first runs predate that measurement).", "",
+            "| server | start-up to healthy /health (s) | " + " | ".join(RUN_ORDER) + " |",
+            "|---|---|" + "---|" * len(RUN_ORDER)]
     for n in names:
         s = servers[n]
-        busy = " / ".join(f"{r['cpu_busy_before']:.0%}" if "cpu_busy_before" in r else "n/a"
-                          for r in (s["runs"].get(k, {}) for k in ("c1", "c4", "c16", "cache")))
-        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | {busy} |")
+        cells = []
+        for k in RUN_ORDER:
+            r = s["runs"].get(k)
+            during = r.get("cpu_other_during") if r else None
+            cells.append("n/a" if not r else f"{r['cpu_busy_before']:.0%} / "
+                         f"{'-' if during is None else f'{during:.0%}'}")
+        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | " + " | ".join(cells) + " |")
     out += ["", "### Command lines", "", "```"]
     for n in names:
         out.append(f"# {TITLES[n]}")
@@ -165,7 +175,8 @@ def plot_peers(results: dict, path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, server in results["servers"].items():
-        levels = [(r["config"]["max_concurrency"], r) for k, r in server["runs"].items() if k != "cache"]
+        levels = [(r["config"]["max_concurrency"], r) for k, r in server["runs"].items()
+                  if k in ("c1", "c4", "c16")]
         levels.sort(key=lambda x: x[0])
         xs = [c for c, _ in levels]
         left.plot(xs, [r["output_throughput"] for _, r in levels], "o-", label=TITLES[name])
