@@ -33,7 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
                        encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
     local = {} if args.address else {"num_cpus": max(4, os.cpu_count() or 1)}  # one per replica
-    ray.init(address=args.address, namespace="splitserve", include_dashboard=False,
+    # No --address: always a new local Ray, never a cluster some other process left running.
+    ray.init(address=args.address or "local", namespace="splitserve", include_dashboard=False,
              log_to_driver=args.verbose, **local)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
