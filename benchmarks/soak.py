@@ -293,6 +293,13 @@ async def soak(url: str, app: str, num_requests: int = 600, concurrency: int = 1
     }
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def deploy_and_soak(app_args: dict, app: str, port: int, **soak_args) -> dict:
     """Starts a local Ray, deploys `build_app(app_args)` as `app` on 127.0.0.1:`port`, runs
     the soak against it, and shuts everything down."""
@@ -307,7 +314,7 @@ def deploy_and_soak(app_args: dict, app: str, port: int, **soak_args) -> dict:
         serve.run(build_app(app_args), name=app, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 900
-        while httpx.get(f"{url}/health", timeout=10).status_code != 200:  # warm-up has finished
+        while not _healthy(f"{url}/health"):  # serve.run returned: only a busy machine waits here
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url}/health did not answer 200 in 900 s")
             time.sleep(1)
