@@ -117,16 +117,19 @@ def _frames():
     return [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
 
 
-@pytest.mark.parametrize("name, data", [
+ACCEPTED = [
     ("png", _save(_frames()[0], "PNG")), ("jpeg", _save(_frames()[0], "JPEG")),
     ("webp", _save(_frames()[0], "WEBP")), ("single-frame gif", _save(_frames()[0], "GIF")),
     ("palette png with transparency", _save(Image.new("P", (40, 30)), "PNG", transparency=0)),
-])
+]
+
+
+@pytest.mark.parametrize("name, data", ACCEPTED, ids=[name for name, _ in ACCEPTED])
 def test_accepted_formats_are_encoded(preprocessor, name, data):
     assert preprocessor(data).shape == (3, 64, 64)
 
 
-@pytest.mark.parametrize("name, data, reason", [
+REFUSED = [
     ("svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG is a vector"),
     ("svg without prolog", b"  <svg width='9' height='9'></svg>", "SVG is a vector"),
     ("animated gif", animated_gif(), "animated GIF"),
@@ -137,7 +140,10 @@ def test_accepted_formats_are_encoded(preprocessor, name, data):
     ("tiff", _save(_frames()[0], "TIFF"), "accepted"),
     ("png bomb", png_bomb(), "decompression bomb"),
     ("a sliver", _save(Image.new("RGB", (5000, 3)), "PNG"), "aspect ratio over 200:1"),
-])
+]
+
+
+@pytest.mark.parametrize("name, data, reason", REFUSED, ids=[name for name, *_ in REFUSED])
 def test_other_inputs_are_refused_with_the_reason(preprocessor, name, data, reason):
     with pytest.raises(ImageRejected, match=reason):
         preprocessor(data)
