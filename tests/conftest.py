@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from runtime.device import xla_environment  # noqa: E402
+
+os.environ.update(xla_environment(os.environ))
+
 import pytest  # noqa: E402
 
 from tests.support import free_port, wait_http_ok  # noqa: E402

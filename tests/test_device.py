@@ -1,7 +1,9 @@
+import os
+
 import pytest
 import torch
 
-from runtime.device import open_device
+from runtime.device import open_device, xla_environment
 
 
 def test_xla_runs_on_pjrt_and_matches_eager():
@@ -21,3 +23,21 @@ def test_unknown_device_is_a_clear_error():
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         open_device("cuda")
+
+
+def test_cpu_backend_turns_off_single_threaded_xnnpack_dots():
+    env = xla_environment({"PJRT_DEVICE": "CPU", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+    assert env == {"PJRT_DEVICE": "CPU",
+                   "XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_cpu_use_xnnpack=false"}
+    assert xla_environment({"PJRT_DEVICE": "CPU"})["XLA_FLAGS"] == "--xla_cpu_use_xnnpack=false"
+
+
+def test_users_xla_flags_win_and_tpus_are_left_alone():
+    assert xla_environment({"PJRT_DEVICE": "CPU", "XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}) == {
+        "PJRT_DEVICE": "CPU"}
+    assert xla_environment({"PJRT_DEVICE": "TPU", "XLA_FLAGS": "--foo"}) == {"PJRT_DEVICE": "TPU"}
+
+
+def test_this_process_runs_xla_with_the_cpu_flags():
+    open_device("xla")
+    assert "--xla_cpu_use_xnnpack=false" in os.environ["XLA_FLAGS"].split()
