@@ -26,8 +26,9 @@ class ColocatedServer:
         self.decoder = DecoderService(decoder, store)
         self._metrics = StatsExporter("colocated", self.stats, ENCODER_SERIES + DECODER_SERIES, buckets=True)
 
-    async def encode(self, images: list[bytes], request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
-        return await self.encoder.encode(images, request_id)
+    async def encode(self, images: list[bytes], request_id: str | None = None, *,
+                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+        return await self.encoder.encode(images, request_id, refresh=refresh)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         async for chunk in self.decoder.generate(request):

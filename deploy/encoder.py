@@ -34,11 +34,11 @@ class EncoderServer:
         self._metrics = StatsExporter("encoder", self.stats, ENCODER_SERIES + (IN_FLIGHT_SERIES,),
                                       buckets=True)
 
-    async def encode(self, images: list[bytes],
-                     request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
+    async def encode(self, images: list[bytes], request_id: str | None = None, *,
+                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
         self._images_in_flight += len(images)
         try:
-            return await self.service.encode(images, request_id)
+            return await self.service.encode(images, request_id, refresh=refresh)
         finally:
             self._images_in_flight -= len(images)
 

@@ -31,6 +31,8 @@ ENCODER_SERIES = (
     Series("splitserve_encoder_cache_hits", ("hits",), "counter", "Embedding cache hits"),
     Series("splitserve_encoder_cache_misses", ("misses",), "counter", "Embedding cache misses"),
     Series("splitserve_encoder_cache_evictions", ("evictions",), "counter", "Embeddings evicted"),
+    Series("splitserve_encoder_cache_forgotten", ("forgotten",), "counter",
+           "Entries dropped because their embedding was lost (re-encoded on request)"),
     Series("splitserve_encoder_cache_single_flight_joins", ("single_flight_joins",), "counter",
            "Requests that joined an in-flight encode of the same image"),
     Series("splitserve_encoder_cache_bytes", ("bytes",), "gauge", "Bytes held by the cache"),

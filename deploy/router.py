@@ -67,9 +67,10 @@ class HandleEncoder:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def encode(self, images: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]:
+    async def encode(self, images: list[bytes], request_id: str, *,
+                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
         try:
-            return await self.handle.encode.remote(images, request_id)
+            return await self.handle.encode.remote(images, request_id, refresh=refresh)
         except TRANSPORT_ERRORS as error:
             raise unavailable("encoder replica", error) from error
 

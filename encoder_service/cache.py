@@ -46,6 +46,7 @@ class EmbeddingCache:
         self.misses = 0
         self.joins = 0
         self.evictions = 0
+        self.forgotten = 0
 
     def claim(self, key: str) -> Claim:
         with self._lock:
@@ -81,6 +82,19 @@ class EmbeddingCache:
         if future is not None:
             future.set_result(ref)
 
+    def forget(self, key: str) -> bool:
+        """Drops `key`'s entry (its embedding was lost): the next claim computes it again.
+        An in-flight computation of the key is left alone; it makes a fresh embedding."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            self.bytes -= entry[1]
+            self.forgotten += 1
+        if self._on_evict is not None:
+            self._on_evict(entry[0])
+        return True
+
     def fail(self, key: str, error: BaseException) -> None:
         """Ends the owner's computation with `error`; nothing is cached."""
         with self._lock:
@@ -95,5 +109,5 @@ class EmbeddingCache:
     def stats(self) -> dict:
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "single_flight_joins": self.joins,
-                    "evictions": self.evictions, "bytes": self.bytes,
+                    "evictions": self.evictions, "forgotten": self.forgotten, "bytes": self.bytes,
                     "entries": len(self._entries), "capacity_bytes": self.capacity_bytes}

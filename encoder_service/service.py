@@ -78,9 +78,12 @@ class EncoderService:
     def image_key(self, data: bytes) -> str:
         return image_cache_key(data, self.model_id, self.fingerprint)
 
-    async def encode(self, images: list[bytes],
-                     request_id: str | None = None) -> list[EmbeddingRef | ItemError]:
-        """One result per image, in order: its EmbeddingRef, or an ItemError naming it."""
+    async def encode(self, images: list[bytes], request_id: str | None = None, *,
+                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+        """One result per image, in order: its EmbeddingRef, or an ItemError naming it.
+
+        `refresh`: the caller found these images' embeddings gone from the object store;
+        their cache entries are dropped first, so they are computed again."""
         if not self.is_ready:
             raise RuntimeError("the encoder service is closed")
         keys = await asyncio.to_thread(self._keys, images)
@@ -89,6 +92,8 @@ class EncoderService:
             if isinstance(key, ImageRejected):
                 waits.append(key)
                 continue
+            if refresh:
+                self._cache.forget(key)
             claim = self._cache.claim(key)
             if claim.owner:
                 self._compute(key, data)

@@ -9,8 +9,10 @@ stream back.
 Faults, each retried once where nothing has reached the client yet: an encoder call
 whose replica died (`ServiceUnavailable` from the client) or that reports a
 retryable item error is sent again; a decoder call that fails before its first
-chunk, because its replica died or an embedding vanished with its owner
-(`EmbeddingLostError`, re-encoded first), is sent again. A second failure, or one
+chunk, because its replica died or an embedding vanished from the object store
+(`EmbeddingLostError`: its owner died or the object was lost; the request's images
+are encoded again first, the encoder told to drop its cached entries), is sent
+again. A second failure, or one
 after the first chunk, ends the request with `ServiceUnavailable` (a 503).
 
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
@@ -52,7 +54,8 @@ log = logging.getLogger(__name__)
 
 
 class EncoderClient(Protocol):
-    async def encode(self, images: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]: ...
+    async def encode(self, images: list[bytes], request_id: str, *,
+                     refresh: bool = False) -> list[EmbeddingRef | ItemError]: ...
 
 
 class DecoderClient(Protocol):
@@ -208,8 +211,14 @@ class RouterService:
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
 
-    async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str) -> list[EmbeddingRef]:
+    async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str, *,
+                     refresh: bool = False) -> list[EmbeddingRef]:
+        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call.
+        `refresh`: the request's embeddings were lost; forget them here and in the encoder."""
         keys = self._keys(blobs)
+        if refresh:
+            for key in keys:
+                self._known.pop(key, None)
         known = {k: self._known[k] for k in keys if k in self._known}
         self.counters["router_image_hits"] += sum(k in known for k in keys)
         missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
@@ -217,7 +226,8 @@ class RouterService:
         retried = False  # one retry per request, for a failed call or for retryable item errors
         while missing:
             try:
-                results = await self._encode([blobs[first_index[k]] for k in missing], request_id)
+                results = await self._encode([blobs[first_index[k]] for k in missing], request_id,
+                                             refresh=refresh)
             except ServiceUnavailable as error:
                 if retried:
                     raise
@@ -241,10 +251,11 @@ class RouterService:
         refs = [known[k] for k in keys]
         return refs  # type: ignore[return-value]
 
-    async def _encode(self, blobs: list[bytes], request_id: str) -> list[EmbeddingRef | ItemError]:
+    async def _encode(self, blobs: list[bytes], request_id: str, *,
+                      refresh: bool = False) -> list[EmbeddingRef | ItemError]:
         self.counters["encoder_calls"] += 1
         self.counters["images_encoded"] += len(blobs)
-        return await self.encoder.encode(blobs, request_id)
+        return await self.encoder.encode(blobs, request_id, refresh=refresh)
 
     def _count_retry(self, service: str, request_id: str, why) -> bool:
         log.warning("request %s: the %s failed (%s); trying again", request_id, service, why)
@@ -273,9 +284,8 @@ class RouterService:
                     log.warning("request %s: an image embedding was lost; encoding again",
                                 request.request_id)
                     self.counters["reencoded_lost"] += 1
-                    for key in self._keys(prepared.blobs):
-                        self._known.pop(key, None)
-                    refs = await self._embed(prepared.blobs, prepared.fields, request.request_id)
+                    refs = await self._embed(prepared.blobs, prepared.fields, request.request_id,
+                                             refresh=True)
                     request = dataclasses.replace(request, images=tuple(refs))
                     continue
                 except ServiceUnavailable as error:

@@ -179,6 +179,16 @@ async def test_cache_evicts_by_bytes_and_frees_the_array(tiny_checkpoint):
         assert len(store.get([a.object_ref, c.object_ref])) == 2
         await small.encode(images[1:2])
         assert small.stats()["misses"] == 4 and small.stats()["hits"] == 1
+        # an embedding lost while its entry lives: a plain encode hands out the stale
+        # reference, a refresh computes it again
+        [c_again] = await small.encode(images[2:])
+        assert c_again.object_ref == c.object_ref
+        [before] = store.get([c.object_ref])
+        store.drop(c.object_ref)
+        [fresh] = await small.encode(images[2:], refresh=True)
+        assert fresh.object_ref != c.object_ref and fresh.meta == c.meta
+        np.testing.assert_array_equal(store.get([fresh.object_ref])[0], before)
+        assert small.stats()["forgotten"] == 1 and small.stats()["misses"] == 5
     finally:
         small.close()
     assert not small.is_ready

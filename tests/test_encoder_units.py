@@ -116,6 +116,17 @@ def test_cache_evicts_least_recently_used_by_bytes():
     assert cache.stats()["entries"] == 1 and [r.object_ref for r in evicted] == ["b", "a", "c"]
 
 
+def test_forget_drops_an_entry_and_frees_its_bytes():
+    dropped = []
+    cache = EmbeddingCache(capacity_bytes=10, on_evict=dropped.append)
+    _fill(cache, "a", 4)
+    assert cache.forget("a") and not cache.forget("a") and not cache.forget("never")
+    assert [r.object_ref for r in dropped] == ["a"]
+    stats = cache.stats()
+    assert (stats["bytes"], stats["entries"], stats["forgotten"], stats["evictions"]) == (0, 0, 1, 0)
+    assert cache.claim("a").owner  # computed again
+
+
 def test_entry_larger_than_the_budget_is_not_kept_but_still_delivered():
     cache = EmbeddingCache(capacity_bytes=0)
     assert _fill(cache, "big", 100).object_ref == "big"

@@ -162,9 +162,11 @@ class ScriptedEncoder:
     def __init__(self, *steps: str) -> None:
         self.steps = list(steps)
         self.calls = 0
+        self.refreshes = []
 
-    async def encode(self, blobs, request_id):
+    async def encode(self, blobs, request_id, *, refresh=False):
         self.calls += 1
+        self.refreshes.append(refresh)
         step = self.steps.pop(0)
         if step == "died":
             raise ServiceUnavailable("the encoder replica is unavailable (ActorDiedError)")
@@ -234,6 +236,18 @@ async def test_a_second_failure_is_a_503(tiny_checkpoint, encoder_steps, decoder
     assert response.status_code == 503
     assert json.loads(response.body)["error"]["type"] == "unavailable"
     assert service.counters["requests_generating"] == 0
+
+
+async def test_a_lost_embedding_is_encoded_again_not_taken_from_a_cache(tiny_checkpoint):
+    encoder = ScriptedEncoder("ok", "ok", "ok")
+    service = _service(tiny_checkpoint, encoder, ScriptedDecoder("ok", "lost", "ok", "ok"))
+    await service.complete(_body())
+    reply = await service.complete(_body())  # known image: no encoder call, then lost
+    assert reply.choices[0].finish_reason == "length"
+    assert encoder.refreshes == [False, True]  # the re-encode tells the encoder to drop its entry
+    assert service.counters["router_image_hits"] == 1 and service.counters["reencoded_lost"] == 1
+    await service.complete(_body())  # the fresh reference is the one the router now knows
+    assert encoder.calls == 2 and service.counters["router_image_hits"] == 2
 
 
 async def test_bad_input_is_not_retried(tiny_checkpoint):
