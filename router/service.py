@@ -12,8 +12,8 @@ retryable item error is sent again; a decoder call that fails before its first
 chunk, because its replica died or an embedding vanished from the object store
 (`EmbeddingLostError`: its owner died or the object was lost; the request's images
 are encoded again first, the encoder told to drop its cached entries), is sent
-again. A second failure, or one
-after the first chunk, ends the request with `ServiceUnavailable` (a 503).
+again. A second failure, or one after the first chunk, ends the request with
+`ServiceUnavailable` (a 503).
 
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
 thread (a long prompt must not stall other requests; the tokenizer is not shared

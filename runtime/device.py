@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import torch
 
 DEVICE_KINDS = ("xla", "cpu", "cuda")
-
-
-CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=false",)
+CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=false",)  # see the module docstring
 
 
 def detect_pjrt_device() -> str:
@@ -37,9 +35,9 @@ def detect_pjrt_device() -> str:
 def xla_environment(environ: dict[str, str]) -> dict[str, str]:
     """The PJRT/XLA variables a process needs before torch_xla starts.
 
-    Pure: reads `environ` and returns the variables to set (values the user
-    already chose win). Used by `open_device` and by whatever starts XLA
-    processes with their own environment (tests, benchmarks).
+    Reads `environ` (and, when it names no PJRT device, looks for TPU chips) and
+    returns the variables to set; values the user already chose win. Used by
+    `open_device`, and by the test suite before anything starts torch_xla.
     """
     pjrt = environ.get("PJRT_DEVICE") or detect_pjrt_device()
     out = {"PJRT_DEVICE": pjrt}
