@@ -58,7 +58,8 @@ def render_section(results: dict, plot_path: Path) -> str:
     servers, m = results["servers"], results["machine"]
     names = [n for n in TITLES if n in servers]
     runs = [r for r in RUN_ORDER[:-1] if any(r in s["runs"] for s in servers.values())]
-    w = next(iter(servers.values()))["runs"]["c1"]["workload"]
+    first = next(iter(servers.values()))["runs"]
+    w = (first.get("c1") or next(iter(first.values())))["workload"]  # the base workload
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     out = [SECTION, "",
            f"Measured {results['started_at']} (commit `{m['commit']}`), by:", "", "```",

@@ -239,7 +239,7 @@ async def test_a_second_failure_is_a_503(tiny_checkpoint, encoder_steps, decoder
 
 
 async def test_a_lost_embedding_is_encoded_again_not_taken_from_a_cache(tiny_checkpoint):
-    encoder = ScriptedEncoder("ok", "ok", "ok")
+    encoder = ScriptedEncoder("ok", "ok")
     service = _service(tiny_checkpoint, encoder, ScriptedDecoder("ok", "lost", "ok", "ok"))
     await service.complete(_body())
     reply = await service.complete(_body())  # known image: no encoder call, then lost
