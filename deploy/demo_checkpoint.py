@@ -9,6 +9,12 @@ Sizes:
 - `tiny`: a few million parameters (mostly the 30k-token embedding); for tests.
 - `small`: ViT-B/16 vision tower at 224 px (196 image tokens) and a ~120M
   parameter Llama; for benchmarks on a CPU.
+
+Options reshape the vision side of either size, to write the checkpoints users
+bring: `image_size` (the tower's input, patches stay 16 px), `strategy` ("default"
+drops the CLS row, "full" keeps it: 197 tokens at 224 px) and `image_seq_length`,
+the config field transformers neither computes nor checks (by default the true
+count; 576, transformers' default, is what many hand-made configs carry).
 """
 
 from __future__ import annotations
@@ -81,58 +87,77 @@ def build_tokenizer(max_length: int):
     return tokenizer
 
 
-def build_config(size: str, tokenizer):
+def build_config(size: str, tokenizer, *, strategy: str = "default", image_size: int | None = None,
+                 image_seq_length: int | None = None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     spec = SIZES[size]
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded like llava-hf's 32064
-    vision = CLIPVisionConfig(**spec.vision, hidden_act="quick_gelu", projection_dim=spec.vision["hidden_size"])
+    vision = CLIPVisionConfig(**{**spec.vision, **_image_size(image_size)}, hidden_act="quick_gelu",
+                              projection_dim=spec.vision["hidden_size"])
     text = LlamaConfig(**spec.text, vocab_size=vocab_size, rms_norm_eps=1e-5, rope_theta=10000.0,
                        initializer_range=TEXT_INIT_RANGE, tie_word_embeddings=False,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    num_patches = (spec.vision["image_size"] // spec.vision["patch_size"]) ** 2
+    # A CLIP tower yields patches + 1 CLS rows; "default" drops the CLS row.
+    num_tokens = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
     return LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_patches, vision_feature_select_strategy="default",
-        vision_feature_layer=-2, projector_hidden_act="gelu", tie_word_embeddings=False)
+        image_seq_length=num_tokens if image_seq_length is None else image_seq_length,
+        vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+        projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def build_processor(size: str, tokenizer):
+def build_processor(size: str, tokenizer, *, strategy: str = "default", image_size: int | None = None):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     spec = SIZES[size]
-    pixels = spec.vision["image_size"]
+    pixels = image_size or spec.vision["image_size"]
     # The PIL backend: same pixels everywhere, no torchvision needed.
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels})
-    # "default" drops the CLS row the tower adds: tokens = patches + 1 - 1.
+    # tokens = patches + 1 (CLIP's CLS) - 1 if "default" drops it.
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.vision["patch_size"],
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
         chat_template=chat_template(), image_token=IMAGE_TOKEN)
 
 
-def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Writes the checkpoint to `directory` and returns its path. Same size + seed, same bytes."""
+def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, *,
+                          strategy: str = "default", image_size: int | None = None,
+                          image_seq_length: int | None = None) -> Path:
+    """Writes the checkpoint to `directory` and returns its path. Same arguments, same bytes."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"strategy must be 'default' or 'full'; got {strategy!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(SIZES[size].text["max_position_embeddings"])
-    config = build_config(size, tokenizer)
+    config = build_config(size, tokenizer, strategy=strategy, image_size=image_size,
+                          image_seq_length=image_seq_length)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(directory)
-    build_processor(size, tokenizer).save_pretrained(directory)
-    (directory / "splitserve_demo.json").write_text(json.dumps({"size": size, "seed": seed}) + "\n")
+    build_processor(size, tokenizer, strategy=strategy, image_size=image_size).save_pretrained(directory)
+    options = {"strategy": strategy, "image_size": image_size, "image_seq_length": image_seq_length}
+    (directory / "splitserve_demo.json").write_text(json.dumps(
+        {"size": size, "seed": seed, **{k: v for k, v in options.items() if v not in (None, "default")}}) + "\n")
     return directory
+
+
+def _image_size(image_size: int | None) -> dict:
+    if image_size is None:
+        return {}
+    if image_size < 16 or image_size % 16:
+        raise ValueError(f"image_size must be a positive multiple of the 16 px patch; got {image_size}")
+    return {"image_size": image_size}
 
 
 def cache_root() -> Path:

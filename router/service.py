@@ -40,6 +40,8 @@ from router.images import FetchPolicy, ImageInputError, load_image
 from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
 from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
+from runtime.checkpoint import open_config
+from runtime.geometry import geometry_of
 from runtime.image_key import image_cache_key
 from runtime.messages import (
     EmbeddingLostError,
@@ -47,6 +49,7 @@ from runtime.messages import (
     GenerateChunk,
     GenerateRequest,
     ItemError,
+    RequestError,
     SamplingParams,
 )
 
@@ -90,6 +93,11 @@ class ServiceUnavailable(RuntimeError):
     overloaded or shutting down); a client may retry. Clients raise it for transport failures."""
 
 
+class StartupFailed(RuntimeError):
+    """The app cannot serve at all: a deployment failed or the deployments disagree (a 503
+    whose message says why, on every endpoint and on `/health`, until the deploy is fixed)."""
+
+
 # Characters of text per token of context beyond which a prompt is refused before tokenizing:
 # far above any real text (English runs at about 4), so only prompts that could never fit.
 MAX_PROMPT_CHARS_PER_TOKEN = 32
@@ -124,7 +132,9 @@ class RouterService:
         self.encoder = encoder
         self.decoder = decoder
         self.observer = observer or _Unobserved()
-        self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path))
+        self.geometry = geometry_of(open_config(config.model_path))
+        self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path),
+                                     self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
         self._http = httpx.AsyncClient()
@@ -172,7 +182,7 @@ class RouterService:
                     for m in body.messages if m.content)
         limit = self.config.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
         if chars > limit:
-            raise ValueError(f"messages: {chars} characters of text cannot fit a context of "
+            raise RequestError(f"messages: {chars} characters of text cannot fit a context of "
                              f"{self.config.max_model_len} tokens (at most {limit} characters)")
 
     async def _prepare(self, body: ChatCompletionRequest, request_id: str) -> _Prepared:
@@ -182,16 +192,16 @@ class RouterService:
         prompt = await asyncio.get_running_loop().run_in_executor(
             self._tokenizing, self.prompts.build, body.messages)
         if len(prompt.images) > self.config.max_images_per_request:
-            raise ValueError(f"messages: at most {self.config.max_images_per_request} images per "
+            raise RequestError(f"messages: at most {self.config.max_images_per_request} images per "
                              f"request, got {len(prompt.images)}")
         room = self.config.max_model_len - len(prompt.token_ids)
         if room < 1:
-            raise ValueError(f"messages: the prompt has {len(prompt.token_ids)} tokens, the context "
+            raise RequestError(f"messages: the prompt has {len(prompt.token_ids)} tokens, the context "
                              f"holds {self.config.max_model_len}")
         max_tokens = body.max_completion_tokens or body.max_tokens or room
         if max_tokens > room:
             field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-            raise ValueError(f"{field}: {max_tokens} tokens do not fit: the prompt has "
+            raise RequestError(f"{field}: {max_tokens} tokens do not fit: the prompt has "
                              f"{len(prompt.token_ids)} tokens and the context holds "
                              f"{self.config.max_model_len}")
         sampling = SamplingParams(

@@ -86,19 +86,25 @@ def open_checkpoint(model: str) -> Checkpoint:
 
     With HF_HUB_OFFLINE=1 a hub id resolves only if it is already cached.
     """
-    from transformers import AutoConfig
-
     path = Path(model).expanduser()
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(model, allow_patterns=_HUB_FILES))
-    config = AutoConfig.from_pretrained(path)
+    return Checkpoint(path=path, model_id=model, config=open_config(str(path), model))
+
+
+def open_config(model: str, model_id: str | None = None):
+    """The checkpoint's `LlavaConfig` alone (a hub id fetches config.json, not the weights)."""
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    config = AutoConfig.from_pretrained(path if path.is_dir() else model)
     if getattr(config, "model_type", None) != "llava":
         raise ValueError(
-            f"{model}: model_type {getattr(config, 'model_type', None)!r} is not a LLaVA-family "
-            "checkpoint (expected 'llava')")
-    return Checkpoint(path=path, model_id=model, config=config)
+            f"{model_id or model}: model_type {getattr(config, 'model_type', None)!r} is not a "
+            "LLaVA-family checkpoint (expected 'llava')")
+    return config
 
 
 def vision_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
