@@ -1,9 +1,13 @@
 """Serve wiring of the router: the HTTP ingress (FastAPI through `serve.ingress`) and the
 Python handle API, both over one `RouterService`.
 
-The service is built on first use, from what the encoder and decoder deployments
-report (`info()`), after checking that they serve the same model with matching
-shapes. Handle API, from another Serve app or a driver:
+The service is built as the replica starts, from what the encoder and decoder
+deployments report (`info()`), after checking that they and the router derive the
+same model geometry. A check that fails, or a service that cannot be built, is a
+start-up failure: every endpoint, `/health` included, answers a JSON 503 of type
+`startup_failed` naming the cause (the CLI exits on it), and the build is tried
+again on the next request, in case the deployments were fixed. Handle API, from
+another Serve app or a driver:
 
     handle = serve.get_app_handle("splitserve")
     reply = await handle.chat.remote({"messages": [...]})                    # a dict
@@ -12,17 +16,21 @@ shapes. Handle API, from another Serve app or a driver:
 
 The handle clients turn Ray's transport failures (a replica that died or is
 unreachable, a deployment with no replica, a full queue) into `ServiceUnavailable`,
-which the service retries once where it can and otherwise answers with a 503.
+which the service retries once where it can and otherwise answers with a 503. An
+exception the encoder or decoder raised arrives wrapped in a `RayTaskError`; the
+clients re-raise the original, so a `RequestError` stays a 400 and anything else
+is a server fault (`http_api.error_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -30,8 +38,10 @@ from deploy.metrics import ROUTER_SERIES, LatencyMetrics, Series, StatsExporter
 from router import http_api
 from router.images import FetchPolicy
 from router.schemas import ChatCompletionRequest
-from router.service import RouterConfig, RouterService, ServiceUnavailable
+from router.service import RouterConfig, RouterService, ServiceUnavailable, StartupFailed
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+
+log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -63,6 +73,12 @@ TRANSPORT_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, BackPressu
                     DeploymentUnavailableError, ReplicaUnavailableError)
 
 
+def raised_by_service(error: RayTaskError) -> BaseException:
+    """The exception the remote method raised, unwrapped from Ray's task error."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
 class HandleEncoder:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
@@ -73,6 +89,8 @@ class HandleEncoder:
             return await self.handle.encode.remote(images, request_id, refresh=refresh)
         except TRANSPORT_ERRORS as error:
             raise unavailable("encoder replica", error) from error
+        except RayTaskError as error:
+            raise raised_by_service(error) from error
 
 
 class HandleDecoder:
@@ -86,15 +104,21 @@ class HandleDecoder:
                 yield chunk
         except TRANSPORT_ERRORS as error:
             raise unavailable("decoder replica serving this request", error) from error
+        except RayTaskError as error:
+            raise raised_by_service(error) from error
         finally:
             stream.cancel()  # no-op once finished; otherwise the replica aborts the sequence
 
 
-def check_pairing(encoder: dict, decoder: dict) -> None:
-    """The encoder and decoder must agree on the model and its shapes."""
+def check_pairing(encoder: dict, decoder: dict, router: RouterService) -> None:
+    """The encoder, the decoder and the router must agree on the model and its geometry."""
     for key in ("model_id", "hidden_size", "tokens_per_image"):
         if encoder[key] != decoder[key]:
-            raise ValueError(f"encoder and decoder disagree on {key}: {encoder[key]!r} vs {decoder[key]!r}")
+            raise StartupFailed(f"encoder and decoder disagree on {key}: {encoder[key]!r} vs "
+                                f"{decoder[key]!r}")
+    if router.prompts.tokens_per_image != encoder["tokens_per_image"]:
+        raise StartupFailed(f"the router expands each image to {router.prompts.tokens_per_image} "
+                            f"tokens, the encoder makes {encoder['tokens_per_image']}")
 
 
 @serve.ingress(http_app)
@@ -112,39 +136,70 @@ class RouterServer:
             "router", lambda: self._service.counters if self._service else {},
             ROUTER_SERIES + RELIABILITY_SERIES)
         # Serve runs the constructor on the replica's event loop: start building the service
-        # now, so the first request does not pay for loading the processor.
+        # now, so the first request does not pay for loading the processor, and a failure
+        # shows in the log as soon as it happens.
         self._warming = asyncio.get_event_loop().create_task(self.service())
+        self._warming.add_done_callback(_log_startup_failure)
 
     async def service(self) -> RouterService:
+        """The service, built once; StartupFailed says why it cannot be (retried on each call)."""
         async with self._lock:
             if self._service is None:
-                encoder, decoder = await asyncio.gather(self._encoder.info.remote(),
-                                                        self._decoder.info.remote())
-                check_pairing(encoder, decoder)
-                s = self._settings
-                config = RouterConfig(
-                    model_id=decoder["model_id"], served_model_name=s["served_model_name"],
-                    model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
-                    max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
-                    fetch=FetchPolicy(**s.get("fetch", {})))
-                self._service = RouterService(config, HandleEncoder(self._encoder),
-                                              HandleDecoder(self._decoder), self._latency)
+                self._service = await self._build()
         return self._service
+
+    async def _build(self) -> RouterService:
+        # Not ready yet (replicas still warming, or unreachable for now) is not a failure:
+        # transport errors pass through as they are; anything else means the app cannot start.
+        try:
+            encoder, decoder = await asyncio.gather(self._encoder.info.remote(),
+                                                    self._decoder.info.remote())
+        except RayTaskError as error:
+            cause = raised_by_service(error)
+            raise StartupFailed(f"info() failed: {type(cause).__name__}: {cause}") from error
+        s = self._settings
+        try:
+            config = RouterConfig(
+                model_id=decoder["model_id"], served_model_name=s["served_model_name"],
+                model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
+                max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
+                fetch=FetchPolicy(**s.get("fetch", {})))
+            service = RouterService(config, HandleEncoder(self._encoder),
+                                    HandleDecoder(self._decoder), self._latency)
+        except Exception as error:  # noqa: BLE001: whatever it is, the router cannot serve
+            raise StartupFailed(f"the router cannot start: {type(error).__name__}: {error}") from error
+        try:
+            check_pairing(encoder, decoder, service)
+        except StartupFailed:
+            await service.close()
+            raise
+        return service
 
     @http_app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        return await http_api.chat_completions(await self.service(), body)
+        try:
+            service = await self.service()
+        except Exception as exc:  # noqa: BLE001: the JSON error shape, whatever failed
+            return http_api.error_for(exc)
+        return await http_api.chat_completions(service, body)
 
     @http_app.get("/v1/models")
-    async def models(self) -> dict:
-        return http_api.models(await self.service())
+    async def models(self):
+        try:
+            return http_api.models(await self.service())
+        except Exception as exc:  # noqa: BLE001
+            return http_api.error_for(exc)
 
     @http_app.get("/health")
     async def health(self):
-        """200 once the encoder and decoder replicas are warm (they answer only after warm-up)."""
+        """200 once the encoder and decoder replicas are warm (they answer only after warm-up);
+        otherwise a JSON 503 saying why: `startup_failed` when the app cannot start at all,
+        `unavailable` while it is still starting."""
         try:
             stats = await asyncio.wait_for(self.stats(), HEALTH_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001: any failure means not ready
+        except StartupFailed as exc:
+            return http_api.error_for(exc)
+        except Exception as exc:  # noqa: BLE001: any other failure means not ready yet
             return http_api.error_response(503, f"not ready: {type(exc).__name__}: {exc}", "unavailable")
         return {"status": "ok", "compilations_after_warmup": {
             "encoder": stats["encoder"].get("compilations_after_warmup"),
@@ -169,3 +224,8 @@ class RouterServer:
             async for chunk in chunks:
                 yield chunk.model_dump(exclude_none=True)
         return dicts()
+
+
+def _log_startup_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("router: %s", task.exception())

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from runtime.buckets import power_of_two_buckets
 from runtime.device import DEVICE_KINDS
+from runtime.limits import MAX_IMAGE_BYTES
 
 MiB = 1 << 20
 
@@ -17,7 +18,7 @@ class EncoderConfig:
     max_batch_items: int = 8  # largest item-batch bucket; buckets are 1, 2, 4, ... up to it
     batch_wait_s: float = 0.005  # how long a batch waits for items from other requests
     encoder_cache_bytes: int = 512 * MiB  # LRU budget for cached embeddings; 0 disables the cache
-    max_image_bytes: int = 20 * MiB  # encoded size limit per image
+    max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
     max_image_pixels: int = 40_000_000  # width * height limit, checked before decoding
     preprocess_threads: int = 2  # threads that decode and preprocess images
     strict_compile: bool = False  # raise on a compilation after warm-up (tests) instead of logging

@@ -1,11 +1,12 @@
 """HTTP semantics of the OpenAI API: status codes, error bodies, server-sent events.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and
-the message names the field. Bad input is a 4xx and touches nothing shared: an
+the message names the field. Only bad input is a 4xx, and it touches nothing shared: an
 oversized body is refused (413) before the app parses it, a body that is not JSON
 is a 415 or a 400, every schema error a 400. A service that cannot answer now (a
-replica died, an embedding vanished) is a 503 the client may retry; once a stream
-has started, the same error arrives in-band as the last event before `[DONE]`.
+replica died, an embedding vanished) is a 503 the client may retry, an app whose
+start-up failed a 503 saying why; any other fault a 500 with its message. Once a
+stream has started, the error arrives in-band as the last event before `[DONE]`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from email.message import Message
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from router.images import ImageInputError
 from router.schemas import ChatCompletionRequest
-from router.service import ModelNotFound, RouterService, ServiceUnavailable
-from runtime.messages import EmbeddingLostError
+from router.service import ModelNotFound, RouterService, ServiceUnavailable, StartupFailed
+from runtime.messages import EmbeddingLostError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,25 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def error_for(exc: BaseException) -> JSONResponse:
+    """The HTTP answer to an exception: 4xx only for what the client sent (`RequestError`,
+    schema errors, an unknown model); 503 for what may pass; anything else is a 500 with
+    its message, `ValueError`s raised inside a service included."""
     if isinstance(exc, ModelNotFound):
         return error_response(404, str(exc), "model_not_found", "model")
-    if isinstance(exc, ImageInputError):
-        return error_response(400, str(exc), "invalid_request_error", exc.field)
+    if isinstance(exc, RequestError):
+        field = getattr(exc, "field", None) or (str(exc).split(":", 1)[0] if ":" in str(exc) else None)
+        return error_response(400, str(exc), "invalid_request_error", field)
+    if isinstance(exc, ValidationError):  # a handle caller's dict that is not a valid request
+        message, field = _validation_message(exc.errors())
+        return error_response(400, message, "invalid_request_error", field)
     if isinstance(exc, EmbeddingLostError):
         return error_response(503, f"an image embedding was lost, please retry: {exc}", "unavailable")
+    if isinstance(exc, StartupFailed):
+        return error_response(503, f"not ready: {exc}", "startup_failed")
     if isinstance(exc, ServiceUnavailable):
         return error_response(503, f"{exc}; please retry", "unavailable")
-    if isinstance(exc, ValueError):
-        param = str(exc).split(":", 1)[0] if ":" in str(exc) else None
-        return error_response(400, str(exc), "invalid_request_error", param)
-    log.exception("internal error", exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+    log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
 
 def _field_path(location: tuple) -> str | None:
@@ -63,9 +70,9 @@ def _field_path(location: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     # The deepest error is the most specific (a union also reports the members that failed).
-    errors = sorted(exc.errors(), key=lambda e: len(e.get("loc", ())), reverse=True)
+    errors = sorted(errors, key=lambda e: len(e.get("loc", ())), reverse=True)
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
@@ -89,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI hands a non-JSON body to the schema as bytes; say what is really wrong.
             return error_response(415, "the request body must be JSON, sent with Content-Type: "
                                        "application/json", "invalid_request_error")
-        message, field = _validation_message(exc)
+        message, field = _validation_message(exc.errors())
         return error_response(400, message, "invalid_request_error", field)
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -99,8 +106,13 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})
         return response
 
+    async def on_anything_else(request: Request, exc: Exception) -> JSONResponse:
+        # An endpoint that let an exception out: still the JSON shape, never text/plain.
+        return error_for(exc)
+
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_anything_else)
 
 
 class BodySizeLimit:

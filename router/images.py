@@ -23,8 +23,11 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from runtime.limits import MAX_IMAGE_BYTES
+from runtime.messages import RequestError
 
-class ImageInputError(ValueError):
+
+class ImageInputError(RequestError):
     """A client's image is unusable; the message names the field."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -34,7 +37,7 @@ class ImageInputError(ValueError):
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    max_image_bytes: int = 20 * 2**20
+    max_image_bytes: int = MAX_IMAGE_BYTES  # the app builder passes the encoder's value too
     timeout_s: float = 10.0  # the whole fetch, redirects included
     max_redirects: int = 3
     # Trusted hosts, fetched even when they resolve privately: "host" (any port) or "host:port".

@@ -2,6 +2,9 @@
 
 Requests are validated by pydantic; errors name the field (`messages.0.content`).
 Unknown top-level fields are accepted and ignored, as OpenAI clients send many.
+Every string the server reads must be valid Unicode: JSON can escape a lone UTF-16
+surrogate (`"\ud800"`), which no tokenizer or UTF-8 encoder accepts, so it is
+refused as a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -10,17 +13,30 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(value[error.start])
+        raise ValueError(f"contains a lone surrogate U+{code:04X} at character {error.start}, "
+                         "which is not valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # a str that encodes to UTF-8
 
 
 class ImageURL(BaseModel):
-    url: str
+    url: Text
     detail: str | None = None
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -33,8 +49,8 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +60,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -52,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # extension; -1 or 0 = no limit
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=5)
     stream: bool = False

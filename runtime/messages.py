@@ -4,6 +4,10 @@ An image's embedding never travels through the router as a tensor. The encoder
 puts the array in Ray's object store and hands out an `EmbeddingRef`: small,
 msgpack-encodable metadata plus the `ObjectRef`. The decoder resolves the ref
 itself and checks, before using it, that it was made for its model.
+
+Errors that cross deployments say whose fault they are: `RequestError` is what the
+client sent (an HTTP 400 whose message starts with the field); every other
+exception a service raises is a server fault (a 5xx), `ValueError`s included.
 """
 
 from __future__ import annotations
@@ -16,8 +20,18 @@ import msgpack
 EMBEDDING_META_VERSION = 1
 
 
-class EmbeddingMismatchError(ValueError):
-    """An embedding was made for another model, hidden size or placeholder count."""
+class RequestError(ValueError):
+    """What the client sent is wrong (an HTTP 400); the message starts with the field's name."""
+
+
+class RequestError(ValueError):
+    """What the client sent is wrong (HTTP 400). The message starts with the field:
+    `"max_tokens: must be a positive integer, got 0"`."""
+
+
+class EmbeddingMismatchError(RuntimeError):
+    """An embedding was made for another model, hidden size or placeholder count: the
+    deployments disagree, a server fault (not a `ValueError`, never blamed on the client)."""
 
 
 class EmbeddingLostError(RuntimeError):
@@ -91,8 +105,8 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"{field}: {why}")
+        def bad(field: str, why: str) -> RequestError:
+            return RequestError(f"{field}: {why}")
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
