@@ -1,7 +1,11 @@
 """Decoder configuration (what the user sets) and shapes (the buckets derived from it).
 
 `DecoderShapes` is the single list of padded sizes: warm-up compiles exactly
-these, and the runtime pads to them with `runtime.buckets.pad_to_bucket`.
+these graphs, and the runtime pads to the same lists with
+`runtime.buckets.pad_to_bucket`. Two graph families (docs/decoder.md):
+
+- decode: (sequences per step, KV blocks attended per sequence);
+- prefill: (chunk tokens per step, KV blocks of context over the step's prompts).
 """
 
 from __future__ import annotations
@@ -10,30 +14,54 @@ from dataclasses import dataclass
 
 from runtime.buckets import power_of_two_buckets
 
+DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
     model: str
     device: str = "xla"
     dtype: str = "float32"
-    max_num_seqs: int = 8  # KV-cache slots = requests decoded together
+    max_num_seqs: int = 8  # sequences decoded together (the decode batch's largest bucket)
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    max_prefill_seqs: int = 4  # prompts packed into one prefill step
-    max_prefill_images: int = 4  # images, over all packed prompts, in one prefill step
-    min_prefill_tokens: int = 16
-    min_attention_len: int = 32
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # the paged KV pool, all layers, keys + values
+    block_size: int = 16  # tokens per KV block
+    max_num_batched_tokens: int = 256  # decode tokens + prefill chunk tokens per engine step
+    max_prefill_seqs: int = 4  # prompts whose chunks share one prefill graph
+    max_images_per_request: int = 4
+    min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
+    min_attention_len: int = 32  # smallest attended-context bucket, in tokens
+    enable_prefix_caching: bool = True
     strict_compile: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_prefill_seqs", "max_prefill_images",
-                     "min_prefill_tokens", "min_attention_len"):
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_prefill_seqs",
+                     "max_images_per_request", "min_chunk_tokens", "min_attention_len",
+                     "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < self.min_prefill_tokens:
-            raise ValueError(f"max_model_len ({self.max_model_len}) must be >= "
-                             f"min_prefill_tokens ({self.min_prefill_tokens})")
+        if self.max_num_batched_tokens <= self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed "
+                             f"max_num_seqs ({self.max_num_seqs}): a step with every sequence "
+                             "decoding must leave room for a prefill chunk")
+        if self.min_chunk_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"min_chunk_tokens ({self.min_chunk_tokens}) must be <= "
+                             f"max_num_batched_tokens ({self.max_num_batched_tokens})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one token of KV costs: the model's layers, KV heads, head size and dtype."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    def block_bytes(self, block_size: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * self.dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -41,39 +69,55 @@ class DecoderShapes:
     max_model_len: int
     max_num_seqs: int
     max_prefill_seqs: int
-    tokens_per_image: int
-    prefill_token_buckets: tuple[int, ...]  # packed prompt tokens per prefill step
-    prefill_image_buckets: tuple[int, ...]  # images per prefill step; 0 = text-only graph
+    block_size: int
+    num_blocks: int  # in the pool, the null block (0) included
+    max_chunk_tokens: int  # prefill tokens one step may hold (less its decode tokens)
     decode_batch_buckets: tuple[int, ...]  # sequences per decode step
-    attention_len_buckets: tuple[int, ...]  # cache positions a decode step attends over
+    block_buckets: tuple[int, ...]  # KV blocks attended: per sequence (decode), per step (prefill)
+    chunk_buckets: tuple[int, ...]  # prefill tokens per step
 
     @property
-    def max_prefill_tokens(self) -> int:
-        return self.prefill_token_buckets[-1]
-
-    def prefill_graphs(self) -> list[tuple[int, int]]:
-        """(tokens, images) pairs to compile: images never outnumber what the tokens can hold."""
-        return [(t, i) for t in self.prefill_token_buckets for i in self.prefill_image_buckets
-                if i * self.tokens_per_image <= t]
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
 
     def decode_graphs(self) -> list[tuple[int, int]]:
-        return [(b, a) for b in self.decode_batch_buckets for a in self.attention_len_buckets]
+        """(batch, blocks) pairs: every pair is reachable."""
+        return [(b, k) for b in self.decode_batch_buckets for k in self.block_buckets]
+
+    def prefill_graphs(self) -> list[tuple[int, int]]:
+        """(chunk tokens, context blocks) pairs. A chunk's tokens sit in its context, so a pair
+        is reachable only if the blocks can hold more tokens than the previous chunk bucket."""
+        pairs = []
+        for i, tokens in enumerate(self.chunk_buckets):
+            fewest = self.chunk_buckets[i - 1] + 1 if i else 1  # fewest real tokens of this bucket
+            pairs += [(tokens, k) for k in self.block_buckets if k * self.block_size >= fewest]
+        return pairs
 
 
 def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
-                  tokens_per_image: int) -> DecoderShapes:
+                  kv: KVGeometry) -> DecoderShapes:
     max_model_len = config.max_model_len or max_position_embeddings
     if max_model_len > max_position_embeddings:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
                          f"max_position_embeddings ({max_position_embeddings})")
+    block_size = config.block_size
+    max_blocks = -(-max_model_len // block_size)
+    num_blocks = config.kv_cache_bytes // kv.block_bytes(block_size)
+    if num_blocks - 1 < max_blocks:
+        need = (max_blocks + 1) * kv.block_bytes(block_size)
+        raise ValueError(f"kv_cache_bytes ({config.kv_cache_bytes}) holds {num_blocks} blocks of "
+                         f"{block_size} tokens; one sequence of max_model_len {max_model_len} needs "
+                         f"{max_blocks} plus the null block: at least {need} bytes")
+    min_blocks = min(-(-config.min_attention_len // block_size), max_blocks)
+    max_chunk = config.max_num_batched_tokens
     return DecoderShapes(
         max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,
         max_prefill_seqs=config.max_prefill_seqs,
-        tokens_per_image=tokens_per_image,
-        prefill_token_buckets=power_of_two_buckets(max_model_len, config.min_prefill_tokens),
-        prefill_image_buckets=(0, *power_of_two_buckets(config.max_prefill_images)),
+        block_size=block_size,
+        num_blocks=num_blocks,
+        max_chunk_tokens=max_chunk,
         decode_batch_buckets=power_of_two_buckets(config.max_num_seqs),
-        attention_len_buckets=power_of_two_buckets(
-            max_model_len, min(config.min_attention_len, max_model_len)),
+        block_buckets=power_of_two_buckets(max_blocks, min_blocks),
+        chunk_buckets=power_of_two_buckets(max_chunk, min(config.min_chunk_tokens, max_chunk)),
     )

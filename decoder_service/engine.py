@@ -1,11 +1,16 @@
 """The engine: continuous batching over one model runner.
 
-Threads: `start()` launches one engine thread that loops
-`schedule() -> runner.prefill/decode -> postprocess`. Any other thread (the
-replica's asyncio loop) may call `submit` and `abort`; both only post a command on
-a queue and wake the engine thread, which applies it between steps, so a new
-request joins, and an aborted one frees its slot, at the next step boundary.
+Threads: `start()` launches one engine thread that loops `schedule() -> run ->
+postprocess`. Each step runs the decode graph over every decoding sequence, hands
+their tokens out, then runs the prefill graph over the step's chunks. Any other
+thread (the replica's asyncio loop) may call `submit` and `abort`; both only post
+a command on a queue and wake the engine thread, which applies it between steps,
+so a new request joins, and an aborted one frees its blocks, at the next step.
 Each sequence's chunks go to its `sink` callback, called on the engine thread.
+
+Faults stay with their requests: a graph that raises fails the sequences it held,
+a post-processing or sink that raises fails its own sequence; the engine goes on
+serving the rest and counts each in `stats()["step_errors"]`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from decoder_service.detokenizer import IncrementalDetokenizer
-from decoder_service.inputs import SeqView, build_decode, build_prefill
-from decoder_service.runner import ModelRunner
+from decoder_service.inputs import build_decode, build_prefill
 from decoder_service.sampler import SampledRow, unpack
-from decoder_service.scheduler import Scheduler, Sequence, SeqStatus, Step
+from decoder_service.scheduler import Chunk, Scheduler
+from decoder_service.sequence import Sequence
 from runtime.messages import GenerateChunk, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -28,27 +34,34 @@ log = logging.getLogger(__name__)
 Sink = Callable[[GenerateChunk | BaseException], None]
 
 
+class DecoderStepError(RuntimeError):
+    """The decoder failed while computing this request (a server fault, not the client's)."""
+
+
 @dataclass
-class _Live:
+class Request:
+    """A submitted sequence with what turns its tokens into chunks for its caller."""
+
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     sink: Sink
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_token_id: int) -> None:
+    def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
-        self._live: dict[str, _Live] = {}
+        self._requests: dict[str, Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = {"prefill": 0, "decode": 0}
+        self.steps = {"prefill": 0, "decode": 0, "mixed": 0}  # mixed: both graphs in one step
         self.tokens_generated = 0
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # prompt (and recomputed) tokens run through prefill
+        self.step_errors = 0
 
     # --- called from any thread -------------------------------------------------------
     def submit(self, seq: Sequence, sink: Sink) -> None:
@@ -69,17 +82,34 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> dict:
+        blocks = self.scheduler.blocks
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "slots_in_use": self.runner.shapes.max_num_seqs - self.scheduler.num_free_slots,
+                "kv_blocks_used": blocks.num_used, "kv_blocks_total": blocks.num_blocks - 1,
+                "kv_blocks_cached": blocks.num_cached,
+                "prefix_cache_queried_tokens": blocks.queried_tokens,
+                "prefix_cache_hit_tokens": blocks.hit_tokens,
+                "preemptions": self.scheduler.preemptions, "step_errors": self.step_errors,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
+                "mixed_steps": self.steps["mixed"],
                 "compilations_after_warmup": self.runner.guard.compilations_after_warmup}
 
     # --- engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception:  # a bug outside any one request: keep the thread, fail nobody
+                self.step_errors += 1
+                log.exception("decoder: engine step failed")
+                busy = False
+                time.sleep(0.1)
+            if not busy:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
 
@@ -91,53 +121,81 @@ class Engine:
                 return
             if command == "submit":
                 seq: Sequence = arg
-                self._live[seq.request_id] = _Live(seq, IncrementalDetokenizer(
-                    self.tokenizer, seq.sampling.stop), sink)
+                if seq.request_id in self._requests:
+                    self._deliver(sink, DecoderStepError(
+                        f"request id {seq.request_id!r} is already running in this decoder"))
+                    continue
+                self._requests[seq.request_id] = Request(
+                    seq, IncrementalDetokenizer(self.tokenizer, seq.sampling.stop), sink)
                 self.scheduler.add(seq)
-            elif (live := self._live.pop(arg, None)) is not None:
-                self.scheduler.finish(live.seq)
-                log.info("request %s aborted after %d tokens; slot freed", arg,
-                         len(live.seq.output_ids))
+            elif (request := self._requests.pop(arg, None)) is not None:
+                self.scheduler.finish(request.seq)
+                log.info("request %s aborted after %d tokens; blocks freed", arg,
+                         len(request.seq.output_ids))
 
     def step(self) -> bool:
-        """One scheduling step; False when there was nothing to do."""
+        """One engine step; False when there was nothing to do."""
         self._drain_inbox()
         step = self.scheduler.schedule()
         if step is None:
             return False
-        try:
-            rows = self._run(step)
-        except Exception as error:  # the step's requests fail; the engine keeps serving
-            log.exception("decoder: %s step failed", step.kind)
-            for seq in step.seqs:
-                if (live := self._live.pop(seq.request_id, None)) is not None:
-                    self.scheduler.finish(seq)
-                    live.sink(error)
-            return True
-        self.steps[step.kind] += 1
-        for seq, row in zip(step.seqs, rows):
-            if seq.status is SeqStatus.RUNNING and seq.request_id in self._live:
-                self._postprocess(self._live[seq.request_id], row)
+        if step.decodes:
+            self._run("decode", step.decodes, lambda: unpack(self.runner.decode(build_decode(
+                step.decodes, self.runner.shapes, vocab_size=self.runner.vocab_size)),
+                len(step.decodes)), [s.num_tokens for s in step.decodes])
+        if step.chunks:
+            self._run_chunks(step.chunks)
+        self.steps["mixed"] += bool(step.decodes and step.chunks)
         return True
 
-    def _run(self, step: Step) -> list[SampledRow]:
+    def _run_chunks(self, chunks: list[Chunk]) -> None:
         r = self.runner
-        if step.kind == "prefill":
-            views = [SeqView(s.slot, s.prompt_ids, 0, s.image_rows, s.sampling.temperature,
-                             s.sampling.top_p, s.sampling.top_k, s.seed, 0) for s in step.seqs]
-            inputs = build_prefill(views, r.shapes, image_token_id=r.image_token_id,
-                                   hidden_size=r.hidden_size, vocab_size=r.vocab_size,
-                                   scratch_slot=r.scratch_slot)
-            self.prompt_tokens += sum(len(s.prompt_ids) for s in step.seqs)
-            return unpack(r.prefill(inputs), len(views))
-        views = [SeqView(s.slot, s.output_ids[-1:], s.num_tokens - 1, None, s.sampling.temperature,
-                         s.sampling.top_p, s.sampling.top_k, s.seed, len(s.output_ids))
-                 for s in step.seqs]
-        inputs = build_decode(views, r.shapes, vocab_size=r.vocab_size, scratch_slot=r.scratch_slot)
-        return unpack(r.decode(inputs), len(views))
+        seqs = [c.seq for c in chunks]
+        self.prompt_tokens += sum(c.num_tokens for c in chunks)
+        self._run("prefill", seqs, lambda: unpack(r.prefill(build_prefill(
+            chunks, r.shapes, hidden_size=r.hidden_size, vocab_size=r.vocab_size)), len(chunks)),
+            [c.end for c in chunks], sampled=[c.completes for c in chunks])
 
-    def _postprocess(self, live: _Live, row: SampledRow) -> None:
-        seq, params = live.seq, live.seq.sampling
+    def _run(self, kind: str, seqs: list[Sequence], compute: Callable[[], list[SampledRow]],
+             computed: list[int], sampled: list[bool] | None = None) -> None:
+        try:
+            rows = compute()
+        except Exception as error:  # the graph's sequences fail; the engine keeps serving
+            log.exception("decoder: %s graph failed", kind)
+            for seq in seqs:
+                self._fail(seq, error)
+            return
+        self.steps[kind] += 1
+        for i, (seq, row) in enumerate(zip(seqs, rows)):
+            request = self._requests.get(seq.request_id)
+            if request is None or request.seq is not seq:
+                continue  # aborted meanwhile
+            try:
+                self.scheduler.advance(seq, computed[i])
+                if sampled is None or sampled[i]:
+                    seq.prefilled = True
+                    self._postprocess(request, row)
+            except Exception as error:  # noqa: BLE001: only this request fails
+                log.exception("decoder: post-processing request %s failed", seq.request_id)
+                self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self.step_errors += 1
+        request = self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        if request is not None:
+            self._deliver(request.sink, DecoderStepError(
+                f"request {seq.request_id} failed in the decoder: {type(error).__name__}: {error}"))
+
+    @staticmethod
+    def _deliver(sink: Sink, item) -> None:
+        try:
+            sink(item)
+        except Exception:  # noqa: BLE001: the caller's side is gone; nothing left to tell
+            log.exception("decoder: a sink raised while being told of a failure")
+
+    def _postprocess(self, request: Request, row: SampledRow) -> None:
+        seq, params = request.seq, request.seq.sampling
         token = row.token_id
         seq.output_ids.append(token)
         self.tokens_generated += 1
@@ -145,25 +203,24 @@ class Engine:
         if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
             finish, text = "stop", ""
         else:
-            text = live.detokenizer.add(token)
-            if live.detokenizer.stopped:
+            text = request.detokenizer.add(token)
+            if request.detokenizer.stopped:
                 finish = "stop"
         if finish is None and (len(seq.output_ids) >= params.max_tokens
                                or seq.num_tokens >= self.runner.shapes.max_model_len):
             finish = "length"
         if finish is not None:
-            text += live.detokenizer.flush()
+            text += request.detokenizer.flush()
         logprobs = None
         if params.logprobs:
-            top = tuple((int(i), float(p)) for i, p in zip(row.top_ids[:params.top_logprobs],
-                                                            row.top_logprobs[:params.top_logprobs]))
+            k = params.top_logprobs
+            top = tuple((int(i), float(p)) for i, p in zip(row.top_ids[:k], row.top_logprobs[:k]))
             logprobs = (TokenLogprob(token, row.logprob, top),)
         chunk = GenerateChunk(seq.request_id, text, (token,), logprobs, finish,
                               len(seq.prompt_ids), len(seq.output_ids))
         if finish is not None:
-            del self._live[seq.request_id]
+            del self._requests[seq.request_id]
             self.scheduler.finish(seq)
             log.info("request %s finished (%s): %d prompt + %d generated tokens", seq.request_id,
                      finish, len(seq.prompt_ids), len(seq.output_ids))
-        live.sink(chunk)
-
+        request.sink(chunk)

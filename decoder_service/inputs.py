@@ -1,9 +1,14 @@
 """Host-side step inputs: numpy arrays padded to the step's buckets.
 
-Everything a step needs is decided here, on the host, and moved to the device in
-one go by the runner. Padded rows are harmless by construction: they write to the
-cache's scratch slot, sit in a segment of their own, and their sampled tokens are
+Everything a graph needs is decided here, on the host, and moved to the device in
+one go by the runner. Padded rows are harmless by construction: they write into
+the null block, their queries belong to no sequence, and their sampled tokens are
 never read.
+
+Image features reach the prefill graph as `image_rows`, aligned with the chunk's
+tokens: row t is the embedding row for token t when `is_image[t]`, else zeros.
+The host picks the rows by offset, so a chunk may start or end inside an image;
+the device does one `where`, with no shape that depends on where images are.
 """
 
 from __future__ import annotations
@@ -12,114 +17,128 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from decoder_service.block_manager import NULL_BLOCK
 from decoder_service.config import DecoderShapes
-from decoder_service.image_merge import build_image_index
 from decoder_service.sampler import SamplingRows
+from decoder_service.scheduler import Chunk
+from decoder_service.sequence import Sequence
 from runtime.buckets import pad_to_bucket
 
-PAD_SEGMENT = -1
-
-
-@dataclass(frozen=True)
-class SeqView:
-    """What a step needs to know of one sequence (built by the scheduler)."""
-
-    slot: int
-    token_ids: np.ndarray  # prefill: the prompt; decode: the one token to feed
-    start_position: int
-    image_rows: np.ndarray | None  # [num_placeholders, hidden] for prefill, else None
-    temperature: float
-    top_p: float
-    top_k: int  # 0 = unlimited
-    seed: int
-    step: int
-
-
-@dataclass(frozen=True)
-class PrefillInputs:
-    token_ids: np.ndarray  # [T] int64
-    positions: np.ndarray  # [T] int64
-    slots: np.ndarray  # [T] int64
-    segments: np.ndarray  # [T] int64
-    row_index: np.ndarray  # [T] int64
-    is_image: np.ndarray  # [T] bool
-    image_rows: np.ndarray | None  # [images_bucket * tokens_per_image, hidden] float32
-    last_index: np.ndarray  # [max_prefill_seqs] int64
-    sampling: SamplingRows  # max_prefill_seqs rows
-    num_seqs: int
-
-    @property
-    def graph(self) -> tuple[int, int]:
-        rows = 0 if self.image_rows is None else self.image_rows.shape[0]
-        return len(self.token_ids), rows
+NO_SEQ_QUERY, NO_SEQ_KEY = -1, -2  # padded queries and keys: they never match each other
 
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    token_ids: np.ndarray  # [B] int64
+    token_ids: np.ndarray  # [B] int64: each sequence's last token
     positions: np.ndarray  # [B] int64
-    slots: np.ndarray  # [B] int64
-    attention_len: int  # static: an attention-length bucket
+    write_blocks: np.ndarray  # [B] int64: where its KV goes
+    write_offsets: np.ndarray  # [B] int64
+    block_tables: np.ndarray  # [B, M] int64, padded with the null block
+    context_lens: np.ndarray  # [B] int64: keys attended (positions < context_len)
     sampling: SamplingRows  # B rows
-    num_seqs: int
+
+    @property
+    def graph(self) -> tuple[int, int]:
+        return self.block_tables.shape
+
+    @classmethod
+    def padding(cls, batch: int, blocks: int, vocab_size: int) -> DecodeInputs:
+        def zeros():
+            return np.zeros(batch, np.int64)
+        return cls(zeros(), zeros(), zeros(), zeros(), np.zeros((batch, blocks), np.int64), zeros(),
+                   SamplingRows.padding(batch, vocab_size))
 
 
-def _sampling_rows(seqs: list[SeqView], rows: int, vocab_size: int) -> SamplingRows:
-    pad = SamplingRows.padding(rows, vocab_size)
-    for i, s in enumerate(seqs):
-        pad.set_row(i, temperature=s.temperature, top_p=s.top_p,
-                    top_k=s.top_k if s.top_k > 0 else vocab_size, seed=s.seed, step=s.step)
-    return pad
+@dataclass(frozen=True)
+class PrefillInputs:
+    token_ids: np.ndarray  # [C] int64
+    positions: np.ndarray  # [C] int64
+    write_blocks: np.ndarray  # [C] int64
+    write_offsets: np.ndarray  # [C] int64
+    query_seq: np.ndarray  # [C] int64: which of the step's prompts a token belongs to
+    image_rows: np.ndarray  # [C, hidden] float32, aligned with the tokens
+    is_image: np.ndarray  # [C] bool
+    context_blocks: np.ndarray  # [K] int64: the prompts' blocks, one after another
+    key_seq: np.ndarray  # [K * block_size] int64: the prompt each key belongs to
+    key_positions: np.ndarray  # [K * block_size] int64: its position in that prompt
+    last_index: np.ndarray  # [max_prefill_seqs] int64: each prompt's last token in the chunk
+    sampling: SamplingRows  # max_prefill_seqs rows
+
+    @property
+    def graph(self) -> tuple[int, int]:
+        return len(self.token_ids), len(self.context_blocks)
+
+    @classmethod
+    def padding(cls, tokens: int, blocks: int, shapes: DecoderShapes, hidden_size: int,
+                vocab_size: int) -> PrefillInputs:
+        keys = blocks * shapes.block_size
+
+        def zeros():
+            return np.zeros(tokens, np.int64)
+        return cls(zeros(), zeros(), zeros(), zeros(), np.full(tokens, NO_SEQ_QUERY, np.int64),
+                   np.zeros((tokens, hidden_size), np.float32), np.zeros(tokens, bool),
+                   np.zeros(blocks, np.int64), np.full(keys, NO_SEQ_KEY, np.int64),
+                   np.zeros(keys, np.int64), np.zeros(shapes.max_prefill_seqs, np.int64),
+                   SamplingRows.padding(shapes.max_prefill_seqs, vocab_size))
 
 
-def build_prefill(seqs: list[SeqView], shapes: DecoderShapes, *, image_token_id: int,
-                  hidden_size: int, vocab_size: int, scratch_slot: int) -> PrefillInputs:
-    if not 0 < len(seqs) <= shapes.max_prefill_seqs:
-        raise ValueError(f"a prefill step packs 1..{shapes.max_prefill_seqs} prompts, got {len(seqs)}")
-    total = sum(len(s.token_ids) for s in seqs)
-    tokens = pad_to_bucket(total, shapes.prefill_token_buckets)
-    token_ids = np.zeros(tokens, np.int64)
-    positions = np.zeros(tokens, np.int64)
-    slots = np.full(tokens, scratch_slot, np.int64)
-    segments = np.full(tokens, PAD_SEGMENT, np.int64)
-    last_index = np.zeros(shapes.max_prefill_seqs, np.int64)
-    offset = 0
-    for j, s in enumerate(seqs):
-        n = len(s.token_ids)
-        token_ids[offset:offset + n] = s.token_ids
-        positions[offset:offset + n] = np.arange(s.start_position, s.start_position + n)
-        slots[offset:offset + n] = s.slot
-        segments[offset:offset + n] = j
-        last_index[j] = offset + n - 1
-        offset += n
-
-    blocks = [s.image_rows for s in seqs if s.image_rows is not None and len(s.image_rows)]
-    counts = [0 if s.image_rows is None else len(s.image_rows) for s in seqs]
-    row_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    row_index, is_image = build_image_index(token_ids[:total], image_token_id, row_offsets, counts)
-    row_index = np.pad(row_index, (0, tokens - total)).astype(np.int64)
-    is_image = np.pad(is_image, (0, tokens - total))
-    image_rows = None
-    if blocks:
-        num_images = -(-sum(counts) // shapes.tokens_per_image)
-        rows = pad_to_bucket(num_images, shapes.prefill_image_buckets[1:]) * shapes.tokens_per_image
-        image_rows = np.zeros((rows, hidden_size), np.float32)
-        image_rows[:sum(counts)] = np.concatenate(blocks)
-    return PrefillInputs(token_ids, positions, slots, segments, row_index, is_image, image_rows,
-                         last_index, _sampling_rows(seqs, shapes.max_prefill_seqs, vocab_size),
-                         len(seqs))
+def _set_sampling(rows: SamplingRows, i: int, seq: Sequence, vocab_size: int) -> None:
+    p = seq.sampling
+    rows.set_row(i, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or vocab_size,
+                 seed=seq.seed, step=len(seq.output_ids))
 
 
-def build_decode(seqs: list[SeqView], shapes: DecoderShapes, *, vocab_size: int,
-                 scratch_slot: int) -> DecodeInputs:
+def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, vocab_size: int) -> DecodeInputs:
+    bs = shapes.block_size
     batch = pad_to_bucket(len(seqs), shapes.decode_batch_buckets)
-    token_ids = np.zeros(batch, np.int64)
-    positions = np.zeros(batch, np.int64)
-    slots = np.full(batch, scratch_slot, np.int64)
+    context = [s.num_tokens for s in seqs]  # the fed token included
+    blocks = pad_to_bucket(-(-max(context) // bs), shapes.block_buckets)
+    inputs = DecodeInputs.padding(batch, blocks, vocab_size)
     for i, s in enumerate(seqs):
-        token_ids[i] = s.token_ids[0]
-        positions[i] = s.start_position
-        slots[i] = s.slot
-    attention_len = pad_to_bucket(int(positions.max()) + 1, shapes.attention_len_buckets)
-    return DecodeInputs(token_ids, positions, slots, attention_len,
-                        _sampling_rows(seqs, batch, vocab_size), len(seqs))
+        position = s.num_tokens - 1
+        inputs.token_ids[i] = s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]
+        inputs.positions[i] = position
+        inputs.write_blocks[i] = s.block_table[position // bs]
+        inputs.write_offsets[i] = position % bs
+        used = -(-context[i] // bs)
+        inputs.block_tables[i, :used] = s.block_table[:used]
+        inputs.context_lens[i] = context[i]
+        _set_sampling(inputs.sampling, i, s, vocab_size)
+    return inputs
+
+
+def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, hidden_size: int,
+                  vocab_size: int) -> PrefillInputs:
+    if not 0 < len(chunks) <= shapes.max_prefill_seqs:
+        raise ValueError(f"a prefill step holds 1..{shapes.max_prefill_seqs} chunks, got {len(chunks)}")
+    bs = shapes.block_size
+    total = sum(c.num_tokens for c in chunks)
+    used_blocks = [-(-c.end // bs) for c in chunks]
+    tokens = pad_to_bucket(total, shapes.chunk_buckets)
+    blocks = pad_to_bucket(sum(used_blocks), shapes.block_buckets)
+    x = PrefillInputs.padding(tokens, blocks, shapes, hidden_size, vocab_size)
+    offset = block_offset = 0
+    for j, (chunk, used) in enumerate(zip(chunks, used_blocks)):
+        seq, n = chunk.seq, chunk.num_tokens
+        rows = slice(offset, offset + n)
+        positions = np.arange(chunk.start, chunk.end)
+        table = np.asarray(seq.block_table, np.int64)
+        x.token_ids[rows] = seq.token_ids(chunk.start, chunk.end)
+        x.positions[rows] = positions
+        x.write_blocks[rows] = table[positions // bs]
+        x.write_offsets[rows] = positions % bs
+        x.query_seq[rows] = j
+        image_index = seq.image_row_index(chunk.start, chunk.end)
+        is_image = image_index >= 0
+        if is_image.any():
+            x.is_image[rows] = is_image
+            x.image_rows[offset:offset + n][is_image] = seq.image_rows[image_index[is_image]]
+        keys = slice(block_offset * bs, (block_offset + used) * bs)
+        x.context_blocks[block_offset:block_offset + used] = table[:used]
+        x.key_seq[keys] = j
+        x.key_positions[keys] = np.arange(used * bs)
+        x.last_index[j] = offset + n - 1
+        _set_sampling(x.sampling, j, seq, vocab_size)
+        offset += n
+        block_offset += used
+    return x

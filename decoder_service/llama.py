@@ -1,11 +1,13 @@
 """The Llama text model of a LLaVA checkpoint, in plain torch, shaped for XLA.
 
-Two entry points, each traced into one graph per bucket:
-- `prefill`: packed prompts of several sequences, `[T]` tokens, attention within each
-  prompt only (segment ids), keys/values written to the cache at (slot, position).
-- `decode`: one token for each of `[B]` sequences, attending over the first
-  `attention_len` cache positions of its slot.
-Positions, slots and segment ids are tensors; the only Python ints are bucket sizes.
+Two entry points, each traced into one graph per bucket pair:
+- `prefill`: chunks of several prompts packed as `[C]` tokens; their keys and values
+  are written to the paged cache, then every token attends over the step's context
+  blocks `[K]` (the prompts' blocks, one after another), masked to its own prompt
+  and to earlier positions. A chunk thus sees its cached prefix and earlier chunks.
+- `decode`: one token for each of `[B]` sequences, attending over its block table
+  `[B, M]`, masked to its context length.
+Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
 so greedy tokens match `LlavaForConditionalGeneration.generate`.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoder_service.kv_cache import KVCache
+from decoder_service.kv_cache import PagedKVCache
 
 
 class Linear(nn.Module):
@@ -95,38 +97,38 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def prefill(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions):
-        # x: [T, hidden]; mask: [T, T] bool, True where query t may attend key s
+    def prefill(self, x, cos, sin, mask, cache: PagedKVCache, layer: int, write_blocks,
+                write_offsets, context_blocks):
+        # x: [C, hidden]; mask: [C, K * block_size] bool, True where query t may attend key s
         q, k, v = self._qkv(x, cos, sin)
-        cache.write(layer, slots, positions, k, v)
+        cache.write(layer, write_blocks, write_offsets, k, v)
+        keys, values = cache.gather(layer, context_blocks)  # [kv, S, D], S = K * block_size
         t, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
-        # As in decode: one batch dim (kv_heads); a group's queries share their K/V head, so they
-        # stack as rows (GQA without materialising repeated K/V).
-        q = q.view(t, kv, group, self.head_dim).permute(1, 2, 0, 3)
-        q = q.reshape(kv, group * t, self.head_dim)
-        k, v = k.permute(1, 0, 2), v.permute(1, 0, 2)  # [kv, T, D]
-        scores = torch.bmm(q, k.transpose(1, 2)).float() * self.scale  # [kv, G*T, T]
-        scores = scores.view(kv, group, t, t).masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = scores.softmax(dim=-1).to(v.dtype).view(kv, group * t, t)
-        out = torch.bmm(probs, v).view(kv, group, t, self.head_dim)  # [kv, G, T, D]
+        s = keys.shape[1]
+        # One batch dim (kv_heads); a group's queries share their K/V head, so they stack as
+        # rows (GQA without materialising repeated K/V).
+        q = q.view(t, kv, group, self.head_dim).permute(1, 2, 0, 3).reshape(kv, group * t, self.head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [kv, G*C, S]
+        scores = scores.view(kv, group, t, s).masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = scores.softmax(dim=-1).to(values.dtype).view(kv, group * t, s)
+        out = torch.bmm(probs, values).view(kv, group, t, self.head_dim)  # [kv, G, C, D]
         return self.o_proj(out.permute(2, 0, 1, 3).reshape(t, -1))
 
-    def decode(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions, attention_len):
-        # x: [B, hidden]; mask: [B, attention_len] bool over cache positions
+    def decode(self, x, cos, sin, allowed, cache: PagedKVCache, layer: int, write_blocks,
+               write_offsets, block_tables):
+        # x: [B, hidden]; block_tables: [B, M]; allowed: [kv * B, 1, M * block_size] bool
         q, k, v = self._qkv(x, cos, sin)
-        cache.write(layer, slots, positions, k, v)
-        keys, values = cache.read(layer, slots, attention_len)  # [B, kv_heads, A, D]
-        # One batch dim (B * kv_heads) for both products: XLA:CPU runs such a bmm ~1.5-2x
+        cache.write(layer, write_blocks, write_offsets, k, v)
+        b, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        keys, values = cache.gather(layer, block_tables.reshape(-1))  # [kv, B * A, D]
+        # One batch dim (kv_heads * B) for both products: XLA:CPU runs such a bmm ~1.5-2x
         # faster than the two-batch-dim einsum; on TPU both lower to the same dot.
-        b, a, group = x.shape[0], attention_len, self.num_heads // self.num_kv_heads
-        keys = keys.reshape(b * self.num_kv_heads, a, self.head_dim)
-        values = values.reshape(b * self.num_kv_heads, a, self.head_dim)
-        q = q.reshape(b * self.num_kv_heads, group, self.head_dim)
-        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [B*kv, G, A]
-        allowed = mask[:, None, None, :].expand(b, self.num_kv_heads, 1, a).reshape(-1, 1, a)
+        keys, values = keys.reshape(kv * b, -1, self.head_dim), values.reshape(kv * b, -1, self.head_dim)
+        q = q.view(b, kv, group, self.head_dim).transpose(0, 1).reshape(kv * b, group, self.head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [kv*B, G, A]
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [B*kv, G, D]
-        return self.o_proj(out.reshape(b, -1))
+        out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [kv*B, G, D]
+        return self.o_proj(out.view(kv, b, -1).transpose(0, 1).reshape(b, -1))
 
 
 class MLP(nn.Module):
@@ -169,29 +171,32 @@ class LlamaTextModel(nn.Module):
         self.head_dim = self.layers[0].self_attn.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
 
-    def prefill(self, embeds, positions, slots, segments, last_index, cos_table, sin_table,
-                cache: KVCache) -> torch.Tensor:
-        """embeds: [T, hidden] (images already merged); returns logits [P, vocab] of the
+    def prefill(self, embeds, positions, write_blocks, write_offsets, query_seq, context_blocks,
+                key_seq, key_positions, last_index, cos_table, sin_table,
+                cache: PagedKVCache) -> torch.Tensor:
+        """embeds: [C, hidden] (images already merged); returns logits [P, vocab] of the
         tokens at `last_index` [P]."""
         cos, sin = cos_table[positions], sin_table[positions]
-        mask = (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])
+        mask = (key_seq[None, :] == query_seq[:, None]) & (key_positions[None, :] <= positions[:, None])
         h = embeds
         for i, layer in enumerate(self.layers):
             h = h + layer.self_attn.prefill(layer.input_layernorm(h), cos, sin, mask, cache, i,
-                                            slots, positions)
+                                            write_blocks, write_offsets, context_blocks)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h.index_select(0, last_index))).float()
 
-    def decode(self, token_ids, positions, slots, key_positions, cos_table, sin_table,
-               cache: KVCache) -> torch.Tensor:
-        """token_ids, positions, slots: [B]; key_positions: [attention_len], 0..A-1 (a static
-        length: one graph per attention-length bucket). Returns logits [B, vocab]."""
-        attention_len = key_positions.shape[0]
+    def decode(self, token_ids, positions, write_blocks, write_offsets, block_tables, context_lens,
+               key_positions, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
+        """token_ids, positions, context_lens: [B]; block_tables: [B, M]; key_positions:
+        [M * block_size], 0..A-1. Returns logits [B, vocab]."""
+        b = token_ids.shape[0]
         cos, sin = cos_table[positions], sin_table[positions]
-        mask = key_positions[None, :] <= positions[:, None]
+        allowed = key_positions[None, :] < context_lens[:, None]  # [B, A]
+        allowed = allowed[None, :, None, :].expand(self.num_kv_heads, b, 1, -1).reshape(
+            self.num_kv_heads * b, 1, -1)
         h = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, mask, cache, i,
-                                           slots, positions, attention_len)
+            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, allowed, cache, i,
+                                           write_blocks, write_offsets, block_tables)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)).float()

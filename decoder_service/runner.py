@@ -1,13 +1,13 @@
-"""Model runner: weights, KV cache and compiled steps on the device.
+"""Model runner: weights, the paged KV cache and the compiled steps on the device.
 
 Compile discipline (after vLLM's TPU model runner):
 - inputs are prepared on the host (`decoder_service.inputs`), padded to buckets, and
-  moved to the device once per step; outputs come back as one packed tensor;
-- a step is one traced graph: embed (+ image merge), layers, sampling. Inside it there
-  is no `.item()`, no `.cpu()`, no boolean-mask indexing, no data-dependent shape;
-- `warm_up` runs every (tokens, images) prefill graph and every (batch, attention
-  length) decode graph once, from `DecoderShapes`, the lists the runtime pads to;
-- after warm-up the compile guard checks every step; a new graph is a bug.
+  moved to the device once per graph call; outputs come back as one packed tensor;
+- a graph is embed (+ image merge), layers, sampling. Inside it there is no `.item()`,
+  no `.cpu()`, no boolean-mask indexing, no data-dependent shape;
+- `warm_up` runs every (chunk tokens, context blocks) prefill graph and every (batch,
+  blocks) decode graph once, from `DecoderShapes`, the lists the runtime pads to;
+- after warm-up the compile guard checks every call; a new graph is a bug.
 The runner makes no policy decisions: the scheduler chooses what runs.
 Not thread-safe: one engine thread calls it.
 """
@@ -20,12 +20,11 @@ import time
 import numpy as np
 import torch
 
-from decoder_service.config import DecoderConfig, DecoderShapes, derive_shapes
-from decoder_service.image_merge import merge_image_rows
+from decoder_service.config import DecoderConfig, DecoderShapes, KVGeometry, derive_shapes
 from decoder_service.inputs import DecodeInputs, PrefillInputs
-from decoder_service.kv_cache import KVCache
+from decoder_service.kv_cache import PagedKVCache
 from decoder_service.llama import LlamaTextModel, rotary_table
-from decoder_service.sampler import SamplingRows, index_tensors, sample
+from decoder_service.sampler import index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
@@ -40,67 +39,69 @@ def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaTextMode
     return model.to(dtype).eval()
 
 
+def kv_geometry(text_config, dtype: torch.dtype) -> KVGeometry:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return KVGeometry(num_layers=text_config.num_hidden_layers,
+                      num_kv_heads=text_config.num_key_value_heads or heads, head_dim=head_dim,
+                      dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+
+
 class ModelRunner:
     def __init__(self, config: DecoderConfig, checkpoint: Checkpoint, device: Device) -> None:
         text = checkpoint.config.text_config
-        tokens_per_image = int(checkpoint.config.image_seq_length)
-        self.shapes: DecoderShapes = derive_shapes(config, text.max_position_embeddings, tokens_per_image)
         self.device = device
         self.dtype = getattr(torch, config.dtype)
+        self.shapes: DecoderShapes = derive_shapes(config, text.max_position_embeddings,
+                                                   kv_geometry(text, self.dtype))
         self.vocab_size = int(text.vocab_size)
         self.hidden_size = int(text.hidden_size)
-        self.image_token_id = checkpoint.image_token_id
         self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
         cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len, self.model.rope_theta)
         self.cos, self.sin = cos.to(device.torch_device), sin.to(device.torch_device)
         # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
-        self.key_positions = torch.arange(self.shapes.max_model_len).to(device.torch_device)
+        positions = self.shapes.max_blocks_per_seq * self.shapes.block_size
+        self.key_positions = torch.arange(positions).to(device.torch_device)
         self.sampler_indices = index_tensors(self.vocab_size, device.torch_device)
-        self.cache = KVCache(num_layers=len(self.model.layers), num_slots=config.max_num_seqs,
-                             max_model_len=self.shapes.max_model_len,
-                             num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
-                             dtype=self.dtype, device=device.torch_device)
+        self.cache = PagedKVCache(num_layers=len(self.model.layers), num_blocks=self.shapes.num_blocks,
+                                  block_size=self.shapes.block_size,
+                                  num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
+                                  dtype=self.dtype, device=device.torch_device)
         # Materialise weights, tables and cache as device data now: left pending, they would
         # fold into the first warm-up graph, which then differs from the same step at run time.
         device.sync()
         self.guard = CompileGuard(device, strict=config.strict_compile, name="decoder")
         self.warmup_seconds = 0.0
 
-    @property
-    def scratch_slot(self) -> int:
-        return self.cache.scratch_slot
-
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device.torch_device)
 
     @torch.no_grad()
-    def _prefill(self, inputs: PrefillInputs) -> torch.Tensor:
+    def _prefill(self, x: PrefillInputs) -> torch.Tensor:
         d = self._to_device
-        token_ids = d(inputs.token_ids)
-        embeds = self.model.embed_tokens(token_ids)
-        if inputs.image_rows is not None:
-            embeds = merge_image_rows(embeds, d(inputs.image_rows), d(inputs.row_index),
-                                      d(inputs.is_image))
-        logits = self.model.prefill(embeds, d(inputs.positions), d(inputs.slots), d(inputs.segments),
-                                    d(inputs.last_index), self.cos, self.sin, self.cache)
-        return sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
+        embeds = self.model.embed_tokens(d(x.token_ids))
+        embeds = torch.where(d(x.is_image)[:, None], d(x.image_rows).to(embeds.dtype), embeds)
+        logits = self.model.prefill(embeds, d(x.positions), d(x.write_blocks), d(x.write_offsets),
+                                    d(x.query_seq), d(x.context_blocks), d(x.key_seq),
+                                    d(x.key_positions), d(x.last_index), self.cos, self.sin, self.cache)
+        return sample(logits, **x.sampling.to(self.device.torch_device), **self.sampler_indices)
 
     @torch.no_grad()
-    def _decode(self, inputs: DecodeInputs) -> torch.Tensor:
+    def _decode(self, x: DecodeInputs) -> torch.Tensor:
         d = self._to_device
-        logits = self.model.decode(d(inputs.token_ids), d(inputs.positions), d(inputs.slots),
-                                   self.key_positions[:inputs.attention_len], self.cos, self.sin,
-                                   self.cache)
-        return sample(logits, **inputs.sampling.to(self.device.torch_device), **self.sampler_indices)
+        attended = x.block_tables.shape[1] * self.shapes.block_size
+        logits = self.model.decode(d(x.token_ids), d(x.positions), d(x.write_blocks),
+                                   d(x.write_offsets), d(x.block_tables), d(x.context_lens),
+                                   self.key_positions[:attended], self.cos, self.sin, self.cache)
+        return sample(logits, **x.sampling.to(self.device.torch_device), **self.sampler_indices)
 
     def prefill(self, inputs: PrefillInputs) -> np.ndarray:
-        """Runs one prefill step; returns sampled rows [max_prefill_seqs, ...] (`sampler.sample`)."""
-        return self._run(self._prefill, inputs, "prefill tokens=%d image_rows=%d" % inputs.graph)
+        """Runs one prefill graph; returns sampled rows [max_prefill_seqs, ...] (`sampler.sample`)."""
+        return self._run(self._prefill, inputs, "prefill tokens=%d context_blocks=%d" % inputs.graph)
 
     def decode(self, inputs: DecodeInputs) -> np.ndarray:
-        """Runs one decode step; returns sampled rows [batch bucket, ...]."""
-        return self._run(self._decode, inputs, f"decode batch={len(inputs.token_ids)} "
-                                               f"attention_len={inputs.attention_len}")
+        """Runs one decode graph; returns sampled rows [batch bucket, ...]."""
+        return self._run(self._decode, inputs, "decode batch=%d blocks=%d" % inputs.graph)
 
     def _run(self, trace, inputs, what: str) -> np.ndarray:
         with self.guard.step(what):
@@ -110,31 +111,20 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """Compiles every graph the runtime can ask for, logging one line per graph."""
-        shapes, scratch = self.shapes, self.scratch_slot
+        shapes = self.shapes
         self.guard.start_warmup()
         started = time.perf_counter()
-        graphs = shapes.prefill_graphs()
-        log.info("decoder: compiling %d prefill graphs and %d decode graphs", len(graphs),
-                 len(shapes.decode_graphs()))
-        for tokens, images in graphs:
+        prefill, decode = shapes.prefill_graphs(), shapes.decode_graphs()
+        log.info("decoder: compiling %d prefill graphs and %d decode graphs", len(prefill), len(decode))
+        for tokens, blocks in prefill:
             t0 = time.perf_counter()
-            rows = images * shapes.tokens_per_image
-            self.prefill(PrefillInputs(
-                token_ids=np.zeros(tokens, np.int64), positions=np.zeros(tokens, np.int64),
-                slots=np.full(tokens, scratch, np.int64), segments=np.full(tokens, -1, np.int64),
-                row_index=np.zeros(tokens, np.int64), is_image=np.zeros(tokens, bool),
-                image_rows=np.zeros((rows, self.hidden_size), np.float32) if images else None,
-                last_index=np.zeros(shapes.max_prefill_seqs, np.int64),
-                sampling=SamplingRows.padding(shapes.max_prefill_seqs, self.vocab_size), num_seqs=0))
-            log.info("decoder:   -- prefill tokens=%d images=%d: %.2f s", tokens, images,
+            self.prefill(PrefillInputs.padding(tokens, blocks, shapes, self.hidden_size, self.vocab_size))
+            log.info("decoder:   -- prefill tokens=%d context_blocks=%d: %.2f s", tokens, blocks,
                      time.perf_counter() - t0)
-        for batch, attention_len in shapes.decode_graphs():
+        for batch, blocks in decode:
             t0 = time.perf_counter()
-            self.decode(DecodeInputs(
-                token_ids=np.zeros(batch, np.int64), positions=np.zeros(batch, np.int64),
-                slots=np.full(batch, scratch, np.int64), attention_len=attention_len,
-                sampling=SamplingRows.padding(batch, self.vocab_size), num_seqs=0))
-            log.info("decoder:   -- decode batch=%d attention_len=%d: %.2f s", batch, attention_len,
+            self.decode(DecodeInputs.padding(batch, blocks, self.vocab_size))
+            log.info("decoder:   -- decode batch=%d blocks=%d: %.2f s", batch, blocks,
                      time.perf_counter() - t0)
         self.guard.mark_warm()
         self.warmup_seconds = time.perf_counter() - started

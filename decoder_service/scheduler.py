@@ -1,98 +1,167 @@
-"""Continuous-batching scheduler: slots, admission and the choice of the next step.
+"""Continuous batching with chunked prefill: which tokens the next engine step computes.
 
-Pure host bookkeeping; it never touches tensors. Called only from the engine
-thread. Policy: when prompts wait and slots are free, the next step is a prefill
-packing as many waiting prompts as fit (slots, packed tokens, images, prompts per
-step); otherwise it is a decode step over every running sequence. A finished or
-aborted sequence gives its slot back at once.
+Pure host policy; it never touches tensors. Called only from the engine thread.
+
+Each step holds every decoding sequence (one token each) plus prefill chunks up to
+the token budget (`max_num_batched_tokens` less the decode tokens), so a long
+prompt spreads over steps and running sequences never wait longer than one
+budgeted step. Chunks go first to prompts already started, in admission order,
+then to waiting requests (first come, first served), each of which first takes
+its longest cached prefix. A prompt is admitted only when the pool can hold all
+of its blocks. When a decoding sequence needs a block and the pool is empty, the
+newest running sequence is preempted: its blocks are released (they stay cached)
+and it waits at the head of the queue to be computed again.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-
+from decoder_service.block_manager import BlockManager, extend_block_hashes
 from decoder_service.config import DecoderShapes
-from runtime.messages import SamplingParams
-
-
-class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: np.ndarray  # [prompt_len] int64
-    image_rows: np.ndarray | None  # [placeholders, hidden] float32
-    num_images: int
-    sampling: SamplingParams
-    seed: int  # the request's seed, or one drawn for it
-    slot: int = -1
-    status: SeqStatus = SeqStatus.WAITING
-    output_ids: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+from decoder_service.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True)
-class Step:
-    kind: str  # "prefill" or "decode"
-    seqs: list[Sequence]
+class Chunk:
+    """Prefill of positions [start, end) of one sequence."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def completes(self) -> bool:
+        """Computes the sequence's last known token: its logits give the next token."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    decodes: list[Sequence]
+    chunks: list[Chunk]
 
 
 class Scheduler:
-    def __init__(self, shapes: DecoderShapes, max_prefill_images: int) -> None:
+    def __init__(self, shapes: DecoderShapes, blocks: BlockManager, max_num_batched_tokens: int) -> None:
         self.shapes = shapes
-        self.max_prefill_images = max_prefill_images
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: dict[str, Sequence] = {}
-        self._free_slots = list(range(shapes.max_num_seqs - 1, -1, -1))
-
-    @property
-    def num_free_slots(self) -> int:
-        return len(self._free_slots)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> Step | None:
-        if self.waiting and self._free_slots:
-            admitted: list[Sequence] = []
-            tokens = images = 0
-            while self.waiting and self._free_slots and len(admitted) < self.shapes.max_prefill_seqs:
-                seq = self.waiting[0]
-                if admitted and (tokens + len(seq.prompt_ids) > self.shapes.max_prefill_tokens
-                                 or images + seq.num_images > self.max_prefill_images):
-                    break
-                self.waiting.popleft()
-                seq.slot = self._free_slots.pop()
-                seq.status = SeqStatus.RUNNING
-                self.running[seq.request_id] = seq
-                admitted.append(seq)
-                tokens += len(seq.prompt_ids)
-                images += seq.num_images
-            return Step("prefill", admitted)
-        if self.running:
-            return Step("decode", list(self.running.values()))
-        return None
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        decodes = self._schedule_decodes()
+        budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
+        chunks: list[Chunk] = []
+        context_blocks = 0
+        for seq in self.running:
+            if seq.prefilled or budget <= 0 or len(chunks) == self.shapes.max_prefill_seqs:
+                continue
+            chunk = self._chunk(seq, budget)
+            if context_blocks + self._context_blocks(chunk) > self.shapes.max_blocks_per_seq:
+                break
+            chunks.append(chunk)
+            context_blocks += self._context_blocks(chunk)
+            budget -= chunk.num_tokens
+        while (self.waiting and budget > 0 and len(chunks) < self.shapes.max_prefill_seqs
+               and len(self.running) < self.shapes.max_num_seqs):
+            seq = self.waiting[0]
+            chunk = self._admit(seq, budget, self.shapes.max_blocks_per_seq - context_blocks)
+            if chunk is None:
+                break  # the head waits (for blocks, or for a step with room); the rest behind it
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(chunk)
+            context_blocks += self._context_blocks(chunk)
+            budget -= chunk.num_tokens
+        if not decodes and not chunks:
+            return None
+        return ScheduledStep(decodes, chunks)
 
     def finish(self, seq: Sequence) -> None:
-        """Frees the sequence's slot (running) or drops it from the queue (waiting)."""
+        """Releases a finished or aborted sequence's blocks, wherever it is."""
         if seq.status is SeqStatus.RUNNING:
-            del self.running[seq.request_id]
-            self._free_slots.append(seq.slot)
-        elif seq.status is SeqStatus.WAITING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
-        seq.slot = -1
+
+    # --- policy pieces -----------------------------------------------------------------
+    def _schedule_decodes(self) -> list[Sequence]:
+        decodes: list[Sequence] = []
+        for seq in list(self.running):
+            if not seq.prefilled or seq.status is not SeqStatus.RUNNING:
+                continue
+            position = seq.num_tokens - 1  # the last sampled token is fed and computed
+            while len(seq.block_table) * self.shapes.block_size <= position:
+                if self.blocks.num_free:
+                    seq.block_table += self.blocks.allocate(1)
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                decodes.append(seq)
+        return [s for s in decodes if s.status is SeqStatus.RUNNING]
+
+    def _admit(self, seq: Sequence, budget: int, context_room: int) -> Chunk | None:
+        """Gives `seq` its cached prefix and blocks for every known token, and its first chunk,
+        if the pool has the blocks and the step has room for the chunk's context."""
+        bs = self.shapes.block_size
+        reusable = (seq.num_tokens - 1) // bs  # the last token is always computed: its logits
+        cached = self.blocks.match_prefix(extend_block_hashes(seq, bs, reusable))
+        start = len(cached) * bs
+        end = min(seq.num_tokens, start + budget)
+        new_blocks = -(-seq.num_tokens // bs) - len(cached)
+        if (-(-end // bs) > context_room
+                or self.blocks.blocks_to_admit(cached, new_blocks) > self.blocks.num_free):
+            return None
+        self.blocks.acquire(cached, seq.num_tokens)
+        seq.block_table = cached + self.blocks.allocate(new_blocks)
+        seq.num_computed = start
+        return Chunk(seq, start, end)
+
+    def advance(self, seq: Sequence, num_computed: int) -> None:
+        """After a step: `seq`'s tokens up to `num_computed` are in the pool. Its newly full
+        blocks join the prefix cache."""
+        bs = self.shapes.block_size
+        first, last = seq.num_computed // bs, num_computed // bs
+        seq.num_computed = num_computed
+        if last > first and self.blocks.enable_prefix_caching:
+            hashes = extend_block_hashes(seq, bs, last)
+            self.blocks.register(seq.block_table[first:last], hashes[first:last])
+
+    def _chunk(self, seq: Sequence, budget: int) -> Chunk:
+        return Chunk(seq, seq.num_computed, min(seq.num_tokens, seq.num_computed + budget))
+
+    def _context_blocks(self, chunk: Chunk) -> int:
+        return -(-chunk.end // self.shapes.block_size)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.prefilled = False

@@ -4,7 +4,12 @@ Threads: the engine thread (see `engine.py`) runs the model; `generate` runs on
 the caller's asyncio loop, resolves embeddings from the object store in a worker
 thread, submits the sequence and relays its chunks from an asyncio queue. Leaving
 the generator early (client gone, task cancelled) aborts the sequence, which
-frees its slot at the next step.
+frees its KV blocks at the next step.
+
+Errors: what the caller sent wrong is a `RequestError` naming the field; an
+embedding that does not fit the prompt or the model is an `EmbeddingMismatchError`
+(the router's or the encoder's fault, not the client's); a failure while computing
+arrives as `DecoderStepError`.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from decoder_service.block_manager import BlockManager
 from decoder_service.config import DecoderConfig
-from decoder_service.engine import Engine
-from decoder_service.image_merge import placeholder_count
+from decoder_service.engine import DecoderStepError, Engine
 from decoder_service.runner import ModelRunner
-from decoder_service.scheduler import Scheduler, Sequence
+from decoder_service.scheduler import Scheduler
+from decoder_service.sequence import Sequence, image_spans
 from runtime.checkpoint import open_checkpoint
 from runtime.device import open_device
-from runtime.messages import EmbeddingMismatchError, GenerateChunk, GenerateRequest
+from runtime.geometry import tokens_per_image
+from runtime.messages import EmbeddingMismatchError, GenerateChunk, GenerateRequest, RequestError
 from runtime.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ class DecoderService:
         self.model_id = checkpoint.model_id
         self.model_path = str(checkpoint.path)
         self.image_token_id = checkpoint.image_token_id
+        self.tokens_per_image = tokens_per_image(checkpoint)  # for the deploy's consistency check
         self.runner = ModelRunner(config, checkpoint, open_device(config.device))
         self.shapes = self.runner.shapes
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
@@ -48,9 +56,12 @@ class DecoderService:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
         self.runner.warm_up()
-        self.engine = Engine(self.runner, Scheduler(self.shapes, config.max_prefill_images),
+        blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
+                              config.enable_prefix_caching)
+        self.engine = Engine(self.runner, Scheduler(self.shapes, blocks, config.max_num_batched_tokens),
                              self.tokenizer, self.eos_token_id)
         self.engine.start()
+        self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 
     @property
     def hidden_size(self) -> int:
@@ -58,7 +69,7 @@ class DecoderService:
 
     @property
     def is_ready(self) -> bool:
-        return self.runner.guard.is_warm
+        return self.runner.guard.is_warm and self.engine.is_alive
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -67,6 +78,16 @@ class DecoderService:
         self.engine.stop()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.request_id in self._active:
+            raise RequestError(f"request_id: {request.request_id!r} is already being generated")
+        self._active.add(request.request_id)
+        try:
+            async for chunk in self._generate(request):
+                yield chunk
+        finally:
+            self._active.discard(request.request_id)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         seq = await self._prepare(request)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
@@ -77,7 +98,7 @@ class DecoderService:
                 item = await chunks.get()
                 if isinstance(item, BaseException):
                     finished = True
-                    raise RuntimeError(f"request {request.request_id} failed in the decoder: {item}")
+                    raise item if isinstance(item, DecoderStepError) else DecoderStepError(str(item))
                 finished = item.finish_reason is not None
                 yield item
         finally:
@@ -89,23 +110,23 @@ class DecoderService:
         params = request.sampling
         vocab = self.runner.vocab_size
         if prompt.ndim != 1 or len(prompt) == 0:
-            raise ValueError("prompt_token_ids: must be a non-empty list of token ids")
+            raise RequestError("prompt_token_ids: must be a non-empty list of token ids")
         if prompt.min() < 0 or prompt.max() >= vocab:
-            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+            raise RequestError(f"prompt_token_ids: ids must be in [0, {vocab})")
         max_len = self.shapes.max_model_len
         if len(prompt) + params.max_tokens > max_len:
-            raise ValueError(
+            raise RequestError(
                 f"max_tokens: the prompt has {len(prompt)} tokens and max_tokens is "
                 f"{params.max_tokens}; together they exceed max_model_len {max_len}")
-        if len(request.images) > self.config.max_prefill_images:
-            raise ValueError(f"images: at most {self.config.max_prefill_images} per request, "
-                             f"got {len(request.images)}")
-        placeholders = placeholder_count(prompt, self.image_token_id)
-        rows = sum(ref.meta.num_tokens for ref in request.images)
-        if placeholders != rows:
+        if len(request.images) > self.config.max_images_per_request:
+            raise RequestError(f"images: at most {self.config.max_images_per_request} per request, "
+                               f"got {len(request.images)}")
+        placeholders = int(np.count_nonzero(prompt == self.image_token_id))
+        rows = [ref.meta.num_tokens for ref in request.images]
+        if placeholders != sum(rows):
             raise EmbeddingMismatchError(
                 f"images: the prompt has {placeholders} image placeholder tokens but its "
-                f"{len(request.images)} image(s) carry {rows} embedding rows")
+                f"{len(request.images)} image(s) carry {sum(rows)} embedding rows")
         for ref in request.images:
             ref.meta.check_compatible(self.model_id, self.hidden_size)
         image_rows = None
@@ -119,4 +140,7 @@ class DecoderService:
                         f"metadata says {(ref.meta.num_tokens, ref.meta.hidden_size)}")
             image_rows = np.concatenate(arrays).astype(np.float32, copy=False)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        return Sequence(request.request_id, prompt, image_rows, len(request.images), params, seed)
+        spans = image_spans(prompt, self.image_token_id, rows,
+                            [ref.meta.image_hash for ref in request.images])
+        return Sequence(request.request_id, prompt.tolist(), params, seed, images=spans,
+                        image_rows=image_rows)

@@ -28,8 +28,8 @@ from runtime.object_store import RayObjectStore
 def decoder_info(service: DecoderService) -> dict:
     return {"model_id": service.model_id, "model_path": service.model_path,
             "hidden_size": service.hidden_size, "max_model_len": service.shapes.max_model_len,
-            "tokens_per_image": service.shapes.tokens_per_image,
-            "max_images": service.config.max_prefill_images}
+            "tokens_per_image": service.tokens_per_image,
+            "max_images": service.config.max_images_per_request}
 
 
 class DecoderServer:
@@ -66,10 +66,8 @@ class DecoderServer:
         if not self.service.is_ready:
             raise RuntimeError("decoder warm-up has not finished")
         # A dead engine thread would leave every request waiting forever: fail the check so
-        # Serve replaces the replica (its callers then get a 503). The engine has no public
-        # liveness flag yet, hence the private attribute.
-        thread = getattr(self.service.engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
+        # Serve replaces the replica (its callers then get a 503).
+        if not self.service.engine.is_alive:
             raise RuntimeError("the decoder engine thread has stopped")
 
     def __del__(self) -> None:
@@ -81,6 +79,6 @@ class DecoderServer:
 # How a retiring replica drains (router and colocated replicas relay the same streams).
 DRAIN_OPTIONS = {"graceful_shutdown_timeout_s": 300.0, "graceful_shutdown_wait_loop_s": 1.0}
 
-# Requests beyond the KV-cache slots wait in the engine's queue, so accept plenty.
+# Requests beyond the KV pool or max_num_seqs wait in the engine's queue, so accept plenty.
 DecoderDeployment = serve.deployment(name="decoder", max_ongoing_requests=128,
                                      **DRAIN_OPTIONS)(DecoderServer)

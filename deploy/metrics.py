@@ -39,10 +39,23 @@ ENCODER_SERIES = (
     Series("splitserve_encoder_cache_entries", ("entries",), "gauge", "Embeddings held by the cache"),
 )
 DECODER_SERIES = (
-    Series("splitserve_decoder_running", ("running",), "gauge", "Sequences being decoded"),
-    Series("splitserve_decoder_waiting", ("waiting",), "gauge", "Sequences waiting for a slot"),
-    Series("splitserve_decoder_slots_in_use", ("slots_in_use",), "gauge", "KV-cache slots in use"),
-    Series("splitserve_decoder_prompt_tokens", ("prompt_tokens",), "counter", "Prompt tokens prefilled"),
+    Series("splitserve_decoder_running", ("running",), "gauge", "Sequences prefilling or decoding"),
+    Series("splitserve_decoder_waiting", ("waiting",), "gauge", "Sequences waiting for KV blocks"),
+    Series("splitserve_decoder_kv_blocks_used", ("kv_blocks_used",), "gauge",
+           "KV pool blocks held by running sequences"),
+    Series("splitserve_decoder_kv_blocks_total", ("kv_blocks_total",), "gauge", "KV pool blocks"),
+    Series("splitserve_decoder_kv_blocks_cached", ("kv_blocks_cached",), "gauge",
+           "KV blocks named in the prefix cache (held or evictable)"),
+    Series("splitserve_decoder_prefix_cache_queried_tokens", ("prefix_cache_queried_tokens",),
+           "counter", "Prompt tokens looked up in the prefix cache"),
+    Series("splitserve_decoder_prefix_cache_hit_tokens", ("prefix_cache_hit_tokens",), "counter",
+           "Prompt tokens found in the prefix cache (not computed again)"),
+    Series("splitserve_decoder_preemptions", ("preemptions",), "counter",
+           "Sequences preempted for KV blocks (recomputed later)"),
+    Series("splitserve_decoder_step_errors", ("step_errors",), "counter",
+           "Requests failed by a fault inside the engine (the engine kept serving)"),
+    Series("splitserve_decoder_prompt_tokens", ("prompt_tokens",), "counter",
+           "Tokens prefilled (prompts, and sequences recomputed after preemption)"),
     Series("splitserve_decoder_generated_tokens", ("generated_tokens",), "counter", "Tokens generated"),
 )
 ROUTER_SERIES = (

@@ -101,16 +101,34 @@ def reference_llava(tiny_checkpoint):
     return processor, model
 
 
-@pytest.fixture(scope="session")
-def decoder_service(tiny_checkpoint):
-    """One warmed decoder (strict compile guard) shared by the decoder tests."""
+def _decoder(checkpoint, **overrides):
     from decoder_service.config import DecoderConfig
     from decoder_service.service import DecoderService
     from runtime.object_store import LocalObjectStore
 
-    service = DecoderService(
-        DecoderConfig(model=str(tiny_checkpoint), max_model_len=256, max_num_seqs=4,
-                      max_prefill_images=4, strict_compile=True),
-        LocalObjectStore())
+    return DecoderService(DecoderConfig(model=str(checkpoint), **{
+        "max_model_len": 256, "max_num_seqs": 4, "max_images_per_request": 4,
+        "max_num_batched_tokens": 64, "strict_compile": True, **overrides}), LocalObjectStore())
+
+
+@pytest.fixture(scope="session")
+def crowded_decoder(tiny_checkpoint):
+    """A warmed decoder whose KV pool holds 20 blocks of 16 tokens (one 256-token sequence and
+    a little more), so concurrent requests wait for blocks or are preempted."""
+    from decoder_service.config import KVGeometry
+
+    block_bytes = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype_bytes=4).block_bytes(16)
+    service = _decoder(tiny_checkpoint, kv_cache_bytes=20 * block_bytes)
+    assert service.shapes.num_blocks == 20
+    yield service
+    service.shutdown()
+
+
+@pytest.fixture(scope="session")
+def decoder_service(tiny_checkpoint):
+    """One warmed decoder (strict compile guard) shared by the decoder tests. Its step budget
+    (64 tokens) is smaller than most prompts with images (16 tokens each), so prompts are
+    chunked, chunk boundaries fall inside image spans, and chunks share steps with decodes."""
+    service = _decoder(tiny_checkpoint)
     yield service
     service.shutdown()

@@ -46,15 +46,19 @@ async def collect(service, request):
 
 
 def embedding_refs(store, model_id, features):
-    """EmbeddingRefs over eager image features ([tokens, hidden] each), put in `store`."""
+    """EmbeddingRefs over eager image features ([tokens, hidden] each), put in `store`. The
+    image hash is a digest of the features, so the same picture gets the same key (as the
+    encoder's key over the image bytes does) and the decoder's prefix cache can reuse it."""
+    import hashlib
+
     import numpy as np
 
     from runtime.messages import EmbeddingMeta, EmbeddingRef
 
     refs = []
-    for i, f in enumerate(features):
+    for f in features:
         array = np.ascontiguousarray(np.asarray(f, dtype=np.float32))
-        meta = EmbeddingMeta(f"test-image-{i}-{id(f)}", array.shape[0], array.shape[1], "float32",
-                             model_id)
+        key = hashlib.blake2b(array.tobytes(), digest_size=32).hexdigest()
+        meta = EmbeddingMeta(key, array.shape[0], array.shape[1], "float32", model_id)
         refs.append(EmbeddingRef(meta, store.put(array)))
     return tuple(refs)

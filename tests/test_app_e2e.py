@@ -190,10 +190,10 @@ def test_client_disconnect_frees_the_decode_slot(app_url):
     before = _stats()["decoder"]["generated_tokens"]
     asyncio.run(leave_mid_stream())
     deadline = time.monotonic() + 10
-    while _stats()["decoder"]["slots_in_use"] and time.monotonic() < deadline:
+    while _stats()["decoder"]["kv_blocks_used"] and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = _stats()["decoder"]
-    assert stats["slots_in_use"] == 0
+    assert stats["kv_blocks_used"] == 0
     assert stats["generated_tokens"] - before < 200  # it stopped well before max_tokens
 
 
@@ -253,7 +253,8 @@ def test_prometheus_metrics_after_traffic(client, photos, metrics_port):
                                        stream=True).response.read()
     names = ["ray_splitserve_encoder_cache_hits", "ray_splitserve_decoder_generated_tokens",
              "ray_splitserve_time_to_first_token_seconds_bucket", "ray_splitserve_router_image_hits",
-             "ray_splitserve_encoder_padding_rows", "ray_splitserve_decoder_slots_in_use"]
+             "ray_splitserve_encoder_padding_rows", "ray_splitserve_decoder_kv_blocks_used",
+             "ray_splitserve_decoder_kv_blocks_total", "ray_splitserve_decoder_prefix_cache_hit_tokens"]
     text = _scrape(metrics_port, names)
     assert _value(text, "ray_splitserve_encoder_cache_hits_total", deployment="encoder") >= 1
     assert _value(text, "ray_splitserve_encoder_cache_misses_total", deployment="encoder") >= 1
@@ -265,4 +266,7 @@ def test_prometheus_metrics_after_traffic(client, photos, metrics_port):
     assert _value(text, "ray_splitserve_inter_token_latency_seconds_count") >= 6
     for deployment in ("encoder", "decoder"):
         assert _value(text, "ray_splitserve_compilations_after_warmup", deployment=deployment) == 0
-    assert _value(text, "ray_splitserve_decoder_slots_in_use", deployment="decoder") <= 4
+    assert 0 <= _value(text, "ray_splitserve_decoder_kv_blocks_used", deployment="decoder") <= \
+        _value(text, "ray_splitserve_decoder_kv_blocks_total", deployment="decoder")
+    # The two identical "Again?" requests: the second reads the first's image blocks from the cache.
+    assert _value(text, "ray_splitserve_decoder_prefix_cache_hit_tokens_total", deployment="decoder") >= 16

@@ -17,6 +17,7 @@ from runtime.messages import (
 from tests.support import collect, embedding_refs
 
 PROMPT = (101, 2023, 2003, 1037, 3231, 1012)
+TOKENS_PER_IMAGE = 16  # the tiny demo checkpoint: 64 px images in 16 px patches, CLS dropped
 
 
 def _request(rid, prompt=PROMPT, images=(), **sampling):
@@ -24,7 +25,7 @@ def _request(rid, prompt=PROMPT, images=(), **sampling):
 
 
 def _image_prompt(service, num_images, text_len, rng):
-    per_image = service.shapes.tokens_per_image
+    per_image = TOKENS_PER_IMAGE
     ids = [101]
     for _ in range(num_images):
         ids += [service.image_token_id] * per_image + [1012]
@@ -33,30 +34,36 @@ def _image_prompt(service, num_images, text_len, rng):
 
 
 def _features(service, num_images, rng):
-    return [rng.standard_normal((service.shapes.tokens_per_image, service.hidden_size)).astype(np.float32)
+    return [rng.standard_normal((TOKENS_PER_IMAGE, service.hidden_size)).astype(np.float32)
             for _ in range(num_images)]
 
 
 async def _wait_idle(service, timeout_s=5.0):
     for _ in range(int(timeout_s / 0.01)):
         stats = service.stats()
-        if stats["slots_in_use"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
+        if stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
             return stats
         await asyncio.sleep(0.01)
     raise AssertionError(f"decoder did not go idle: {service.stats()}")
 
 
-def test_randomized_workload_adds_no_compilations(decoder_service):
-    service, rng, pyrng = decoder_service, np.random.default_rng(7), random.Random(7)
+@pytest.mark.parametrize("decoder", ["decoder_service", "crowded_decoder"])
+def test_randomized_workload_adds_no_compilations(decoder, request):
+    """Mixed lengths, 0-4 images drawn from a small pool (prefix hits), sampling, stops,
+    logprobs and cancellations; on the crowded pool also waiting and preemption."""
+    service, rng, pyrng = request.getfixturevalue(decoder), np.random.default_rng(7), random.Random(7)
     max_len = service.shapes.max_model_len
     before = service.runner.guard.compilations()
+    stats_before = service.stats()
+    photo_pool = _features(service, 5, rng)
 
     async def one(i):
         num_images = pyrng.choice([0, 0, 0, 1, 2, 4])
         max_tokens = pyrng.randint(1, 12)
-        room = max_len - max_tokens - num_images * (service.shapes.tokens_per_image + 1) - 1
+        room = max_len - max_tokens - num_images * (TOKENS_PER_IMAGE + 1) - 1
         prompt = _image_prompt(service, num_images, pyrng.randint(0, room), rng)
-        refs = embedding_refs(service.store, service.model_id, _features(service, num_images, rng))
+        refs = embedding_refs(service.store, service.model_id,
+                              [pyrng.choice(photo_pool) for _ in range(num_images)])
         request = _request(f"load-{i}", prompt, refs, max_tokens=max_tokens,
                            temperature=pyrng.choice([0.0, 0.7, 1.5]), top_p=pyrng.choice([1.0, 0.9, 0.3]),
                            top_k=pyrng.choice([0, 1, 5, 50]), seed=pyrng.choice([None, i]),
@@ -86,6 +93,10 @@ def test_randomized_workload_adds_no_compilations(decoder_service):
     assert {r[0] for r in results} >= {"cancelled", "length"}
     assert service.runner.guard.compilations() == before
     assert stats["compilations_after_warmup"] == 0
+    assert stats["prefix_cache_hit_tokens"] > stats_before["prefix_cache_hit_tokens"]
+    assert stats["mixed_steps"] > stats_before["mixed_steps"]
+    if decoder == "crowded_decoder":
+        assert stats["preemptions"] > stats_before["preemptions"]
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(decoder_service):
@@ -151,12 +162,13 @@ def test_cancelled_request_frees_its_slot_at_once(decoder_service):
                                                    ignore_eos=True))
         await anext(stream)
         await anext(stream)
-        assert decoder_service.stats()["slots_in_use"] == 1
+        assert decoder_service.stats()["running"] == 1
+        assert decoder_service.stats()["kv_blocks_used"] >= 1
         await stream.aclose()
         return await _wait_idle(decoder_service, timeout_s=2.0)
 
     stats = asyncio.run(run())
-    assert stats["slots_in_use"] == 0
+    assert stats["kv_blocks_used"] == 0
 
 
 def test_requests_join_a_running_batch(decoder_service):
@@ -206,6 +218,6 @@ def test_limits_are_clear_errors(decoder_service):
     with pytest.raises(EmbeddingMismatchError, match="hidden size 7"):
         asyncio.run(collect(service, _request("width", prompt, [wrong_width])))
     # Nothing above took a slot, and the decoder still serves.
-    assert asyncio.run(_wait_idle(service))["slots_in_use"] == 0
+    assert asyncio.run(_wait_idle(service))["kv_blocks_used"] == 0
     tokens, _, _, _ = asyncio.run(collect(service, _request("after", max_tokens=3, temperature=0.0)))
     assert len(tokens) >= 1

@@ -1,6 +1,9 @@
 """Greedy tokens equal transformers' LLaVA `generate` (eager CPU, fp32), while other requests
-share the batch. The one allowed difference: a step where the reference's top-two logits are
-within 1e-4 (a near-tie float rounding may flip) ends that request's comparison there."""
+share the batch, when prompts are chunked (boundaries inside image spans), when a request
+reuses another's cached image prefix, and when the KV pool is nearly full (requests wait or
+are preempted and recomputed). The one allowed difference: a step where the reference's
+top-two logits are within 1e-4 (a near-tie float rounding may flip) ends that request's
+comparison there."""
 
 import asyncio
 
@@ -13,8 +16,10 @@ from tests.support import collect, embedding_refs
 NEAR_TIE = 1e-4
 
 
-def _case(processor, model, photos, text, num_images, max_tokens):
+def _case(processor, model, photos, text, num_images, max_tokens, text_before=None):
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    if text_before:
+        content.insert(0, {"type": "text", "text": text_before})
     prompt = processor.apply_chat_template([{"role": "user", "content": content}],
                                            add_generation_prompt=True)
     images = [photos[i % len(photos)] for i in range(num_images)] or None
@@ -59,26 +64,81 @@ def test_greedy_tokens_match_transformers_generate(decoder_service, reference_ll
     cases = [_case(processor, model, photos, *spec) for spec in specs]
     assert max(len(ids) + spec[2] for (ids, *_), spec in zip(cases, specs)) >= 250
 
+    stats_before = decoder_service.stats()
+    ties, compared = _compare(decoder_service, cases, specs)
+    print(f"near-ties: {ties} of {len(specs)} requests; {compared} tokens compared")
+    assert ties / len(specs) < 0.05, f"{ties} near-ties in {len(specs)} requests"
+    assert compared > 150
+    stats = decoder_service.stats()
+    assert stats["mixed_steps"] > stats_before["mixed_steps"]  # chunks ran beside decodes
+    assert decoder_service.runner.guard.compilations_after_warmup == 0
+
+
+def _compare(service, cases, specs, noise=3):
+    """Runs the cases at once (plus `noise` sampled neighbours); asserts greedy tokens equal the
+    reference up to a near-tie. Returns (near-ties, tokens compared)."""
+    store, model_id = service.store, service.model_id
+
     async def run_all():
-        requests = [GenerateRequest(f"ref-{i}", tuple(ids), embedding_refs(store, model_id, feats),
+        requests = [GenerateRequest(f"ref-{i}-{id(cases)}", tuple(ids),
+                                    embedding_refs(store, model_id, feats),
                                     SamplingParams(max_tokens=spec[2], temperature=0.0))
                     for i, ((ids, feats, _, _), spec) in enumerate(zip(cases, specs))]
         # Sampled neighbours keep the batch mixed while the greedy requests run.
-        noise = [GenerateRequest(f"noise-{i}", (101, 2023, 2003, 1037), (),
-                                 SamplingParams(max_tokens=30, temperature=1.0, seed=i))
-                 for i in range(3)]
-        results = await asyncio.gather(*(collect(decoder_service, r) for r in requests + noise))
+        neighbours = [GenerateRequest(f"noise-{i}-{id(cases)}", (101, 2023, 2003, 1037), (),
+                                      SamplingParams(max_tokens=30, temperature=1.0, seed=i))
+                      for i in range(noise)]
+        results = await asyncio.gather(*(collect(service, r) for r in requests + neighbours))
         return results[:len(requests)]
 
-    results = asyncio.run(run_all())
     ties, compared_tokens = 0, 0
-    for (ids, _, expected, gaps), (tokens, _, _, _), spec in zip(cases, results, specs):
+    for (ids, _, expected, gaps), (tokens, _, _, _), spec in zip(cases, asyncio.run(run_all()), specs):
         limit = next((s for s, gap in enumerate(gaps) if gap < NEAR_TIE), len(expected))
         ties += limit < len(expected)
         assert tokens[:limit] == expected[:limit], f"case {spec[0][:30]!r} with {spec[1]} images"
         assert len(tokens) == len(expected)
         compared_tokens += limit
-    print(f"near-ties: {ties} of {len(specs)} requests; {compared_tokens} tokens compared")
-    assert ties / len(specs) < 0.05, f"{ties} near-ties in {len(specs)} requests"
-    assert compared_tokens > 150
+    return ties, compared_tokens
+
+
+def test_a_cached_image_prefix_is_reused_token_exact(decoder_service, reference_llava, photos):
+    processor, model = reference_llava
+    first = [("What is in this picture?", 1, 12)]
+    later = [("Describe the colours you can see in it, please.", 1, 12), ("Is it a cat?", 1, 12)]
+    _compare(decoder_service, [_case(processor, model, photos, *spec) for spec in first], first, noise=0)
+    hits_before = decoder_service.stats()["prefix_cache_hit_tokens"]
+    _, compared = _compare(decoder_service, [_case(processor, model, photos, *spec) for spec in later],
+                           later, noise=0)
+    hits = decoder_service.stats()["prefix_cache_hit_tokens"] - hits_before
+    assert hits >= 2 * 16 and compared >= 20  # each reused at least the block holding the image
     assert decoder_service.runner.guard.compilations_after_warmup == 0
+
+
+def test_a_chunk_boundary_inside_an_image_is_token_exact(decoder_service, reference_llava, photos):
+    processor, model = reference_llava
+    budget, shapes = decoder_service.config.max_num_batched_tokens, decoder_service.shapes
+    assert shapes.max_chunk_tokens == budget
+    image_id = decoder_service.image_token_id
+    for words in range(20, 80):  # text before the image until the image straddles position 64
+        spec = ("What is it?", 1, 16, " ".join(["dog"] * words))
+        ids, *_ = case = _case(processor, model, photos, *spec[:3], text_before=spec[3])
+        start = ids.index(image_id)
+        if start < budget < start + 16:
+            break
+    else:
+        raise AssertionError("no prompt put the chunk boundary inside the image")
+    chunks_before = decoder_service.stats()["prefill_steps"]
+    _compare(decoder_service, [case], [spec], noise=0)  # alone: its first chunk is the whole budget
+    assert decoder_service.stats()["prefill_steps"] - chunks_before >= 2
+
+
+def test_a_nearly_full_pool_waits_or_preempts_token_exact(crowded_decoder, reference_llava, photos):
+    processor, model = reference_llava
+    words = ("the quick brown fox jumps over the lazy dog " * 20).split()
+    specs = [(_fill(processor, words[i:], i % 3, 120 + 15 * i), i % 3, 40) for i in range(4)]
+    cases = [_case(processor, model, photos, *spec) for spec in specs]
+    ties, compared = _compare(crowded_decoder, cases, specs, noise=2)
+    stats = crowded_decoder.stats()
+    print(f"crowded pool: {stats['preemptions']} preemptions, {compared} tokens compared")
+    assert stats["preemptions"] > 0 and compared > 100 and ties <= 1
+    assert stats["kv_blocks_used"] == 0 and crowded_decoder.runner.guard.compilations_after_warmup == 0

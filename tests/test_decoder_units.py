@@ -1,81 +1,321 @@
-"""Host-side pieces of the decoder, tested without a model: scatter indices, scheduling,
-detokenization, sampling."""
+"""Host-side pieces of the decoder, tested without a model: shapes and their coverage, the
+block pool and its prefix cache, scheduling with chunked prefill and preemption (through
+the fake runner, whose outputs are checksums of what each sequence can see), the engine's
+fault handling, detokenization and sampling."""
+
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from decoder_service.config import DecoderConfig, derive_shapes
+from decoder_service.block_manager import BlockManager, extend_block_hashes
+from decoder_service.config import DecoderConfig, KVGeometry, derive_shapes
 from decoder_service.detokenizer import IncrementalDetokenizer
-from decoder_service.image_merge import build_image_index, merge_image_rows
+from decoder_service.engine import DecoderStepError, Engine
 from decoder_service.sampler import SamplingRows, index_tensors, sample, split_seed, uniform_noise, unpack
-from decoder_service.scheduler import Scheduler, Sequence, SeqStatus
+from decoder_service.scheduler import Scheduler
+from decoder_service.sequence import Sequence, image_spans
 from deploy.demo_checkpoint import build_tokenizer
+from runtime.buckets import pad_to_bucket
 from runtime.messages import SamplingParams
+from tests.fake_decoder import FakeRunner, expected_tokens
 
-IMG = 9
-
-
-def test_image_index_fills_placeholders_in_order_across_prompts():
-    # prompt 0: text, 2 placeholders; prompt 1: 3 placeholders split by text; then padding
-    tokens = np.array([1, IMG, IMG, 2, IMG, 3, IMG, IMG, 0, 0])
-    row_index, is_image = build_image_index(tokens, IMG, row_offsets=[0, 2], placeholder_counts=[2, 3])
-    assert is_image.tolist() == [t == IMG for t in tokens]
-    assert row_index[is_image].tolist() == [0, 1, 2, 3, 4]
-
-    text = torch.arange(10 * 4, dtype=torch.float32).reshape(10, 4)
-    rows = -torch.arange(8 * 4, dtype=torch.float32).reshape(8, 4) - 1  # 5 real + 3 padding
-    merged = merge_image_rows(text, rows, torch.from_numpy(row_index), torch.from_numpy(is_image))
-    expected = text.clone().masked_scatter(torch.from_numpy(is_image)[:, None].expand(-1, 4), rows[:5])
-    torch.testing.assert_close(merged, expected)
+IMG = 30522
+TINY_KV = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype_bytes=4)
+# LLaVA-1.5-7B: 32 layers, 32 KV heads of 128, bfloat16.
+LLAVA_7B_KV = KVGeometry(num_layers=32, num_kv_heads=32, head_dim=128, dtype_bytes=2)
 
 
-def test_image_index_rejects_a_count_mismatch():
-    with pytest.raises(ValueError, match="3 image placeholders in the step, but the prompts declare 2"):
-        build_image_index(np.array([IMG, IMG, IMG]), IMG, [0], [2])
+def _shapes(kv=TINY_KV, max_position_embeddings=1024, **overrides):
+    config = DecoderConfig(model="unused", **{"max_model_len": 256, "max_num_seqs": 4,
+                                              "max_num_batched_tokens": 64, **overrides})
+    return derive_shapes(config, max_position_embeddings, kv)
 
 
-def _shapes(**overrides):
-    config = DecoderConfig(model="unused", max_num_seqs=3, max_prefill_seqs=2, **overrides)
-    return derive_shapes(config, max_position_embeddings=128, tokens_per_image=16)
-
-
-def _seq(rid, n, images=0):
-    return Sequence(rid, np.zeros(n, np.int64), None, images, SamplingParams(), seed=0)
-
-
-def test_shapes_cover_every_bucket_pair():
-    shapes = _shapes()
-    assert shapes.prefill_token_buckets == (16, 32, 64, 128)
-    assert shapes.decode_batch_buckets == (1, 2, 3)
-    assert (16, 1) in shapes.prefill_graphs() and (16, 2) not in shapes.prefill_graphs()
-    assert len(shapes.decode_graphs()) == 3 * len(shapes.attention_len_buckets)
+# --- shapes --------------------------------------------------------------------------------
+def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence():
+    shapes = _shapes(kv_cache_bytes=2**20)
+    assert shapes.decode_batch_buckets == (1, 2, 4)
+    assert shapes.block_buckets == (2, 4, 8, 16)  # 32..256 tokens of context
+    assert shapes.chunk_buckets == (16, 32, 64)
+    assert shapes.num_blocks == 2**20 // TINY_KV.block_bytes(16)
+    assert (64, 2) not in shapes.prefill_graphs()  # 33+ tokens never fit 2 blocks
+    assert (64, 4) in shapes.prefill_graphs() and (16, 2) in shapes.prefill_graphs()
+    with pytest.raises(ValueError, match="one sequence of max_model_len 256 needs 16"):
+        _shapes(kv_cache_bytes=TINY_KV.block_bytes(16) * 16)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
-        derive_shapes(DecoderConfig(model="x", max_model_len=256), 128, 16)
+        _shapes(max_model_len=2048)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        DecoderConfig(model="x", max_num_seqs=8, max_num_batched_tokens=8)
 
 
-def test_scheduler_packs_prefills_within_budgets_then_decodes():
-    scheduler = Scheduler(_shapes(), max_prefill_images=2)
-    a, b, c, d = _seq("a", 100), _seq("b", 40), _seq("c", 10, images=2), _seq("d", 5)
-    for s in (a, b, c, d):
-        scheduler.add(s)
-    first = scheduler.schedule()
-    assert first.kind == "prefill" and first.seqs == [a]  # a + b would pass 128 tokens
-    second = scheduler.schedule()
-    assert second.kind == "prefill" and second.seqs == [b, c]  # two prompts per step at most
-    third = scheduler.schedule()
-    assert third.kind == "decode" and third.seqs == [a, b, c]  # d waits: no free slot
-    assert {s.slot for s in third.seqs} == {0, 1, 2}
-    scheduler.finish(b)
-    assert b.status is SeqStatus.FINISHED and scheduler.num_free_slots == 1
-    fourth = scheduler.schedule()
-    assert fourth.kind == "prefill" and fourth.seqs == [d] and d.slot == 1
-    e = _seq("e", 3)
-    scheduler.add(e)
-    scheduler.finish(e)  # aborted while waiting
-    assert e not in scheduler.waiting
+def _reachable_graphs(shapes):
+    """Every (kind, graph) a step can ask for: decode batches of 1..max_num_seqs sequences whose
+    longest context is 1..max_model_len tokens; prefill steps of 1..max_chunk_tokens tokens whose
+    prompts' context blocks (at least the chunk's own, at most one sequence's worth, which the
+    scheduler enforces) are anything between."""
+    bs, top = shapes.block_size, shapes.max_blocks_per_seq
+    decode = {(pad_to_bucket(n, shapes.decode_batch_buckets), pad_to_bucket(k, shapes.block_buckets))
+              for n in range(1, shapes.max_num_seqs + 1) for k in range(1, top + 1)}
+    prefill = {(pad_to_bucket(c, shapes.chunk_buckets), pad_to_bucket(k, shapes.block_buckets))
+               for c in range(1, shapes.max_chunk_tokens + 1) for k in range(-(-c // bs), top + 1)}
+    return decode, prefill
 
 
+@pytest.mark.parametrize("name, kv, overrides", [
+    # LLaVA-1.5 at 336 px (576 tokens per image), 4096 positions, the TPU config's budget.
+    ("llava-1.5-7b", LLAVA_7B_KV, dict(max_model_len=4096, max_num_seqs=16, kv_cache_bytes=16 * 2**30,
+                                       max_num_batched_tokens=512, max_images_per_request=4)),
+    ("demo-tiny", TINY_KV, dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)),
+    ("demo-small", KVGeometry(12, 4, 64, 4), dict(max_model_len=1024, max_num_seqs=16,
+                                                  max_num_batched_tokens=256)),
+])
+def test_warm_up_covers_every_shape_the_runtime_can_produce(name, kv, overrides):
+    # Images add no shape dimension: their rows ride in the chunk's token rows, so the
+    # 576-token images of LLaVA-1.5 need no graphs of their own.
+    shapes = _shapes(kv, max_position_embeddings=4096, **overrides)
+    decode, prefill = _reachable_graphs(shapes)
+    assert decode == set(shapes.decode_graphs()), name
+    assert prefill == set(shapes.prefill_graphs()), name
+    print(f"{name}: {len(decode)} decode + {len(prefill)} prefill graphs")
+
+
+# --- block pool ----------------------------------------------------------------------------
+def _seq(rid, prompt, images=(), rows=None, **sampling):
+    params = SamplingParams(**{"max_tokens": 8, "temperature": 0.0, "ignore_eos": True, **sampling})
+    return Sequence(rid, list(prompt), params, seed=0, images=tuple(images), image_rows=rows)
+
+
+def _image_seq(rid, text_before, keys, text_after, per_image=16, value_of=None):
+    """A prompt: text, then one run of placeholders per image, then text. Image k's rows hold
+    `value_of[key]` in column 0 (the fake runner's value for those positions)."""
+    prompt = list(text_before)
+    for _ in keys:
+        prompt += [IMG] * per_image
+    prompt += list(text_after)
+    spans = image_spans(np.asarray(prompt), IMG, [per_image] * len(keys), list(keys))
+    rows = np.zeros((per_image * len(keys), 4), np.float32)
+    values = []
+    for i, key in enumerate(keys):
+        v = value_of[key] if value_of else 5000 + i
+        rows[i * per_image:(i + 1) * per_image, 0] = v + np.arange(per_image)
+        values.append(v + np.arange(per_image))
+    prompt_values = list(text_before) + [int(x) for v in values for x in v] + list(text_after)
+    return _seq(rid, prompt, spans, rows if keys else None), prompt_values
+
+
+def test_block_hashes_chain_and_name_the_image():
+    a, _ = _image_seq("a", [101] * 10, ["cat"], [7] * 30, value_of={"cat": 1})
+    b, _ = _image_seq("b", [101] * 10, ["dog"], [7] * 30, value_of={"dog": 2})
+    c, _ = _image_seq("c", [101] * 10, ["cat"], [7] * 6 + [8] * 24, value_of={"cat": 1})
+    ha, hb, hc = (extend_block_hashes(s, 16, 3) for s in (a, b, c))
+    assert ha[1] != hb[1] and ha[2] != hb[2]  # same token ids, another picture
+    assert ha[:2] == hc[:2] and ha[2] != hc[2]  # same picture, the text differs from block 2
+    moved, _ = _image_seq("m", [101] * 11, ["cat"], [7] * 29, value_of={"cat": 1})
+    assert extend_block_hashes(moved, 16, 1) != ha[:1]
+
+
+def test_pool_counts_references_and_evicts_cached_blocks_lru():
+    pool = BlockManager(num_blocks=5, block_size=4, enable_prefix_caching=True)
+    a = pool.allocate(2)
+    pool.register(a, [b"a0", b"a1"])
+    b = pool.allocate(2)
+    assert pool.num_free == 0 and 0 not in a + b
+    pool.acquire(pool.match_prefix([b"a0", b"a1", b"zz"]), num_tokens=12)
+    assert pool.hit_tokens == 8 and pool.queried_tokens == 12
+    pool.release(a)
+    pool.release(a)  # both users gone: cached and evictable, the tail first
+    pool.release(b)
+    assert pool.num_free == 4 and pool.num_cached == 2
+    fresh = pool.allocate(3)  # two uncached blocks, then the LRU cached one: a's tail
+    assert set(fresh) == set(b) | {a[1]} and pool.match_prefix([b"a0", b"a1"]) == [a[0]]
+    with pytest.raises(RuntimeError, match="asked for 2 KV blocks, 1 free"):
+        pool.allocate(2)
+    off = BlockManager(num_blocks=3, block_size=4, enable_prefix_caching=False)
+    blocks = off.allocate(1)
+    off.register(blocks, [b"x"])
+    assert off.match_prefix([b"x"]) == []
+
+
+# --- scheduling through the fake runner -----------------------------------------------------
+def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, **overrides):
+    shapes = _shapes(kv, max_position_embeddings, **overrides)
+    runner = FakeRunner(shapes)
+    blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
+    budget = overrides.get("max_num_batched_tokens", 64)
+    engine = Engine(runner, Scheduler(shapes, blocks, budget), _TOKENIZER, eos_token_id=102)
+    return engine, runner
+
+
+_TOKENIZER = build_tokenizer(max_length=512)
+
+
+def _submit(engine, seq):
+    out = []
+    engine.submit(seq, out.append)
+    return out
+
+
+def _run(engine, limit=10_000):
+    steps = 0
+    while engine.scheduler.has_work() or not engine._inbox.empty():
+        engine.step()
+        steps += 1
+        assert steps < limit, "the engine made no progress"
+    return steps
+
+
+def _tokens(chunks):
+    assert not any(isinstance(c, BaseException) for c in chunks), chunks
+    return [t for c in chunks for t in c.token_ids]
+
+
+def test_prompts_are_chunked_within_the_budget_and_share_steps_with_decodes():
+    engine, runner = _engine(kv_cache_bytes=2**20)
+    short, short_values = _image_seq("short", [101, 5, 6], [], [7], per_image=16)
+    long, long_values = _image_seq("long", [101] * 30, ["a", "b"], [9] * 90)  # 152 tokens
+    out_short = _submit(engine, short)
+    engine.step()  # short prefilled alone, then it decodes
+    out_long = _submit(engine, long)
+    _run(engine)
+    assert _tokens(out_short) == expected_tokens(short_values, 8)
+    assert _tokens(out_long) == expected_tokens(long_values, 8)
+    prefill_tokens = [g[0] for kind, g in runner.graphs if kind == "prefill"]
+    assert max(prefill_tokens) <= 64 and len(prefill_tokens) >= 3  # 152 tokens over >= 3 steps
+    kinds = [kind for kind, _ in runner.graphs]
+    mixed = sum(a == "decode" and b == "prefill" for a, b in zip(kinds, kinds[1:]))
+    assert mixed >= 2  # the long prompt's chunks ran between the short one's decodes
+
+
+def test_chunk_boundaries_inside_an_image_keep_its_rows():
+    engine, _ = _engine(kv_cache_bytes=2**20, max_num_batched_tokens=16)
+    seq, values = _image_seq("img", [101] * 5, ["a", "b", "c"], [3, 4], per_image=16)
+    out = _submit(engine, seq)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(values, 8)  # 16-token chunks cut images at 11, 27, ...
+
+
+def test_a_repeated_image_prefix_is_reused_and_a_different_image_is_not():
+    engine, _ = _engine(kv_cache_bytes=2**20)
+    values = {"cat": 100, "dog": 200}
+    first, first_values = _image_seq("q1", [101] * 4, ["cat"], [11] * 20, value_of=values)
+    out = _submit(engine, first)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(first_values, 8)
+    blocks = engine.scheduler.blocks
+    second, second_values = _image_seq("q2", [101] * 4, ["cat"], [12] * 20, value_of=values)
+    out = _submit(engine, second)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(second_values, 8)
+    assert blocks.hit_tokens == 16  # block 0 (4 text + 12 image) only: block 1 holds new text
+    other, other_values = _image_seq("q3", [101] * 4, ["dog"], [11] * 20, value_of=values)
+    out = _submit(engine, other)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(other_values, 8) and blocks.hit_tokens == 16
+    again, again_values = _image_seq("q4", [101] * 4, ["cat"], [11] * 20, value_of=values)
+    out = _submit(engine, again)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(again_values, 8)
+    assert blocks.hit_tokens == 16 + 32  # both of q1's full blocks (40 tokens: the last recomputed)
+
+
+def test_a_full_pool_makes_work_wait_or_preempts_and_outputs_stay_exact():
+    # 17 usable blocks of 16 tokens: one sequence of 256 fits, four of ~100 do not.
+    engine, runner = _engine(kv_cache_bytes=TINY_KV.block_bytes(16) * 18, max_num_batched_tokens=64)
+    rng = np.random.default_rng(1)
+    seqs = []
+    for i in range(6):
+        prompt = [101] + rng.integers(1000, 20000, size=40 + 10 * i).tolist()
+        seq = _seq(f"p{i}", prompt, max_tokens=60)
+        seqs.append((seq, prompt, _submit(engine, seq)))
+    _run(engine)
+    for seq, prompt, out in seqs:
+        assert _tokens(out) == expected_tokens(prompt, 60), seq.request_id
+    assert engine.scheduler.preemptions > 0
+    assert engine.scheduler.blocks.num_used == 0
+
+
+def test_randomized_workload_is_exact_and_uses_only_warm_shapes():
+    # The real LLaVA-1.5 geometry: 576 tokens per image, 4096 positions, 1-4 images a request.
+    engine, runner = _engine(kv=LLAVA_7B_KV, max_position_embeddings=4096, max_model_len=4096,
+                             max_num_seqs=16, max_num_batched_tokens=512,
+                             kv_cache_bytes=LLAVA_7B_KV.block_bytes(16) * 280)
+    rng, pyrng = np.random.default_rng(3), random.Random(3)
+    values = {f"photo{k}": 10_000 + 1000 * k for k in range(6)}
+    pending = []
+    for i in range(40):
+        keys = [f"photo{pyrng.randrange(6)}" for _ in range(pyrng.choice([0, 1, 1, 2, 4]))]
+        before = ([101, 2023, 2003, 1037] if pyrng.random() < 0.6  # a shared system prompt
+                  else [101] + rng.integers(1000, 20000, size=pyrng.randint(0, 30)).tolist())
+        after = rng.integers(1000, 20000, size=pyrng.randint(1, 200)).tolist()
+        seq, prompt_values = _image_seq(f"r{i}", before, keys, after, per_image=576, value_of=values)
+        seq.sampling = SamplingParams(max_tokens=pyrng.randint(1, 40), temperature=0.0, ignore_eos=True)
+        pending.append((seq, prompt_values, _submit(engine, seq)))
+        if pyrng.random() < 0.5:
+            for _ in range(pyrng.randint(1, 6)):
+                engine.step()
+    _run(engine)
+    for seq, prompt_values, out in pending:
+        assert _tokens(out) == expected_tokens(prompt_values, seq.sampling.max_tokens), seq.request_id
+    blocks = engine.scheduler.blocks
+    assert blocks.hit_tokens > 0 and engine.scheduler.preemptions > 0
+    assert blocks.num_used == 0
+    assert {kind for kind, _ in runner.graphs} == {"decode", "prefill"}
+
+
+# --- faults --------------------------------------------------------------------------------
+def test_a_failing_sink_or_postprocessing_ends_only_its_own_request():
+    engine, runner = _engine(kv_cache_bytes=2**20)
+
+    def bad_sink(item):
+        if not isinstance(item, BaseException):
+            raise RuntimeError("client callback broke")
+
+    def broken_detokenizer(token_id):
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, "planted")
+
+    good_out = _submit(engine, _seq("good", [101, 5, 6, 7]))
+    engine.submit(_seq("bad", [101, 8, 9]), bad_sink)
+    broken_out = _submit(engine, _seq("broken", [101, 8, 9, 10]))
+    engine.step()  # one prefill for all three: "bad"'s sink raises on its first token
+    engine._requests["broken"].detokenizer.add = broken_detokenizer
+    _run(engine)
+    assert _tokens(good_out) == expected_tokens([101, 5, 6, 7], 8)
+    assert len(broken_out) == 2 and isinstance(broken_out[1], DecoderStepError)
+    assert "planted" in str(broken_out[1])
+    assert engine.stats()["step_errors"] == 2 and engine.scheduler.blocks.num_used == 0
+
+    runner.fail_next = "prefill"
+    failed = _submit(engine, _seq("graph", [101, 4]))
+    engine.step()
+    after = _submit(engine, _seq("after", [101, 4]))
+    _run(engine)
+    assert isinstance(failed[-1], DecoderStepError) and "injected prefill failure" in str(failed[-1])
+    assert _tokens(after) == expected_tokens([101, 4], 8)
+
+
+def test_a_duplicate_request_id_is_refused_without_touching_the_first():
+    engine, _ = _engine(kv_cache_bytes=2**20)
+    first = _submit(engine, _seq("same", [101, 5]))
+    second = _submit(engine, _seq("same", [101, 6]))
+    _run(engine)
+    assert _tokens(first) == expected_tokens([101, 5], 8)
+    assert len(second) == 1 and "already running" in str(second[0])
+
+
+def test_aborting_frees_blocks_at_once():
+    engine, _ = _engine(kv_cache_bytes=2**20)
+    out = _submit(engine, _seq("gone", [101] * 40, max_tokens=100))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.blocks.num_used == 3 and out
+    engine.abort("gone")
+    engine.step()
+    assert engine.scheduler.blocks.num_used == 0 and not engine.scheduler.has_work()
+
+
+# --- detokenizer and sampler ----------------------------------------------------------------
 def test_detokenizer_cuts_stop_strings_split_across_tokens():
     tokenizer = build_tokenizer(max_length=64)
     ids = tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"]

@@ -28,8 +28,8 @@ APP = "splitserve"
 
 # The smallest shapes that still serve an image prompt: few graphs, so replicas warm up fast.
 SMALL_ENCODER = {"max_batch_items": 2}
-SMALL_DECODER = {"max_model_len": 64, "max_num_seqs": 2, "max_prefill_seqs": 2,
-                 "max_prefill_images": 1, "min_prefill_tokens": 64, "min_attention_len": 64}
+SMALL_DECODER = {"max_model_len": 64, "max_num_seqs": 2, "max_prefill_seqs": 2, "max_num_batched_tokens": 64,
+                 "max_images_per_request": 1, "min_chunk_tokens": 64, "min_attention_len": 64}
 
 # Inherited by the raylets this process starts, so by every replica.
 REPLICA_ENV = {"PJRT_DEVICE": "CPU", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -1,0 +1,94 @@
+"""A fake model runner with hand-computable outputs (after JetStream's fake engine).
+
+It keeps a KV pool of its own on the host, written and read exactly as the real
+graphs do (block ids, offsets, block tables, context blocks, key masks), but what it
+stores per position is the token's "value" (its id, or for an image position the
+first column of its embedding row). The next token of a sequence is a checksum of
+every value it can see, so any mistake in paging, prefix reuse, chunking, image row
+placement or recomputation after preemption changes the output. `expected_tokens`
+computes the same thing straight from the sequence. Every graph shape it is asked
+to run must be one warm-up would compile, or it raises like the strict guard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoder_service.config import DecoderShapes
+from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, PrefillInputs
+from runtime.compile_guard import RecompilationError
+from runtime.messages import MAX_TOP_LOGPROBS
+
+TOKEN_BASE, TOKEN_RANGE = 1000, 997  # outputs stay clear of special and image token ids
+
+
+def checksum(values: np.ndarray) -> int:
+    weights = np.arange(1, len(values) + 1, dtype=np.int64)
+    return TOKEN_BASE + int((values.astype(np.int64) * weights).sum() % TOKEN_RANGE)
+
+
+def expected_tokens(prompt_values: list[int], count: int) -> list[int]:
+    """What the fake generates after a prompt whose positions hold `prompt_values`."""
+    values, out = list(prompt_values), []
+    for _ in range(count):
+        out.append(checksum(np.asarray(values)))
+        values.append(out[-1])
+    return out
+
+
+class _Guard:
+    compilations_after_warmup = 0
+
+
+class FakeRunner:
+    def __init__(self, shapes: DecoderShapes, *, vocab_size: int = 30528, hidden_size: int = 4) -> None:
+        self.shapes = shapes
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.guard = _Guard()
+        self.pool = np.full((shapes.num_blocks, shapes.block_size), -1, np.int64)
+        self.graphs: list[tuple[str, tuple[int, int]]] = []
+        self._warm = {"decode": set(shapes.decode_graphs()), "prefill": set(shapes.prefill_graphs())}
+        self.fail_next: str | None = None  # "decode" or "prefill": that call raises once
+
+    def _check(self, kind: str, graph: tuple[int, int]) -> None:
+        self.graphs.append((kind, graph))
+        if graph not in self._warm[kind]:
+            raise RecompilationError(f"fake runner: {kind} graph {graph} is not warmed up")
+        if self.fail_next == kind:
+            self.fail_next = None
+            raise RuntimeError(f"injected {kind} failure")
+
+    @staticmethod
+    def _rows(tokens: list[int]) -> np.ndarray:
+        out = np.zeros((len(tokens), 2 + 2 * MAX_TOP_LOGPROBS), np.float32)
+        out[:, 0] = tokens
+        out[:, 2] = tokens
+        return out
+
+    def decode(self, x: DecodeInputs) -> np.ndarray:
+        self._check("decode", x.graph)
+        bs = self.shapes.block_size
+        self.pool[x.write_blocks, x.write_offsets] = x.token_ids
+        tokens = []
+        for i in range(len(x.token_ids)):
+            visible = self.pool[x.block_tables[i]].reshape(-1)[:x.context_lens[i]]
+            tokens.append(checksum(visible) if x.context_lens[i] else 0)
+        assert x.block_tables.shape[1] * bs >= x.context_lens.max()
+        return self._rows(tokens)
+
+    def prefill(self, x: PrefillInputs) -> np.ndarray:
+        self._check("prefill", x.graph)
+        values = np.where(x.is_image, x.image_rows[:, 0].astype(np.int64), x.token_ids)
+        self.pool[x.write_blocks, x.write_offsets] = values
+        keys = self.pool[x.context_blocks].reshape(-1)
+        tokens = []
+        for last in x.last_index:
+            seq, position = x.query_seq[last], x.positions[last]
+            if seq == NO_SEQ_QUERY:
+                tokens.append(0)
+                continue
+            mine = (x.key_seq == seq) & (x.key_positions <= position)
+            order = np.argsort(x.key_positions[mine], kind="stable")
+            tokens.append(checksum(keys[mine][order]))
+        return self._rows(tokens)
