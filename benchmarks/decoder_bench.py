@@ -4,7 +4,8 @@ step, and the decode step against its memory-bandwidth floor.
     .venv/bin/python benchmarks/decoder_bench.py --size small [--device xla|cpu] [--json out.json]
 
 It drives the model runner directly (no scheduler), one graph per measured shape;
-the first call of a shape compiles it and is reported separately.
+the first call of a shape compiles it and is reported separately. Prefill is measured
+at the step budget's chunk sizes (128 and 256 tokens, the latter with one image).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 from benchmarks.common import copy_bandwidth_gbps, machine  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
-from decoder_service.inputs import SeqView, build_decode, build_prefill  # noqa: E402
+from decoder_service.inputs import build_decode, build_prefill  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
+from decoder_service.scheduler import Chunk  # noqa: E402
+from decoder_service.sequence import Sequence, image_spans  # noqa: E402
+from runtime.messages import SamplingParams  # noqa: E402
 from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
 from runtime.checkpoint import open_checkpoint  # noqa: E402
 from runtime.device import open_device  # noqa: E402
@@ -66,7 +70,9 @@ def main() -> None:
     checkpoint = open_checkpoint(str(cached_demo_checkpoint(args.size)))
     device = open_device(args.device)
     runner = ModelRunner(DecoderConfig(model=str(checkpoint.path), device=args.device,
-                                       max_num_seqs=16, max_model_len=1024), checkpoint, device)
+                                       max_num_seqs=16, max_model_len=1024,
+                                       max_num_batched_tokens=256), checkpoint, device)
+    image_token_id = checkpoint.image_token_id
     rng = np.random.default_rng(0)
     shapes = runner.shapes
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -74,29 +80,38 @@ def main() -> None:
                "weight_bytes": weight_bytes, "kv_cache_bytes": runner.cache.nbytes, "decode": [],
                "prefill": []}
 
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    bs = shapes.block_size
     for batch in (1, 4, 16):
-        seqs = [SeqView(i, np.array([rng.integers(1000, 20000)]), args.context + i, None, 0.0, 1.0, 0,
-                        i, 1) for i in range(batch)]
-        inputs = build_decode(seqs, shapes, vocab_size=runner.vocab_size, scratch_slot=runner.scratch_slot)
+        seqs, next_block = [], 1
+        for i in range(batch):  # each sequence owns its own blocks: no sharing flatters the step
+            context = args.context + i + 1
+            seq = Sequence(f"d{i}", rng.integers(1000, 20000, size=context).tolist(), greedy, seed=i)
+            seq.block_table = list(range(next_block, next_block + -(-context // bs)))
+            next_block += len(seq.block_table)
+            seqs.append(seq)
+        inputs = build_decode(seqs, shapes, vocab_size=runner.vocab_size)
         host_t0 = time.perf_counter()
-        build_decode(seqs, shapes, vocab_size=runner.vocab_size, scratch_slot=runner.scratch_slot)
+        build_decode(seqs, shapes, vocab_size=runner.vocab_size)
         build_s = time.perf_counter() - host_t0
         first, wall, execute = timed(lambda: runner.decode(inputs), device, args.repeats)
         results["decode"].append({
-            "batch": batch, "attention_len": inputs.attention_len, "compile_s": first - wall,
+            "batch": batch, "attention_len": inputs.graph[1] * bs, "compile_s": first - wall,
             "step_ms": wall * 1e3, "execute_ms": execute * 1e3,
             "host_overhead_ms": (wall - execute + build_s) * 1e3 if device.is_xla else None,
             "tokens_per_s": batch / wall})
 
-    for tokens, images in ((128, 0), (256, 1), (512, 0), (1024, 4)):
-        rows = images * shapes.tokens_per_image
+    per_image = 196
+    for tokens, images in ((128, 0), (256, 1)):
         ids = rng.integers(1000, 20000, size=tokens)
-        ids[1:1 + rows] = runner.image_token_id
-        view = SeqView(0, ids, 0, rng.standard_normal((rows, runner.hidden_size)).astype(np.float32)
-                       if rows else None, 0.0, 1.0, 0, 0, 0)
-        inputs = build_prefill([view], shapes, image_token_id=runner.image_token_id,
-                               hidden_size=runner.hidden_size, vocab_size=runner.vocab_size,
-                               scratch_slot=runner.scratch_slot)
+        ids[1:1 + images * per_image] = image_token_id
+        rows = rng.standard_normal((images * per_image, runner.hidden_size)).astype(np.float32)
+        seq = Sequence("p", ids.tolist(), greedy, seed=0, image_rows=rows if images else None,
+                       images=image_spans(ids, image_token_id, [per_image] * images,
+                                          ["bench"] * images))
+        seq.block_table = list(range(1, 1 + -(-tokens // bs)))
+        inputs = build_prefill([Chunk(seq, 0, tokens)], shapes, hidden_size=runner.hidden_size,
+                               vocab_size=runner.vocab_size)
         first, wall, execute = timed(lambda: runner.prefill(inputs), device, max(3, args.repeats // 3))
         results["prefill"].append({"tokens": tokens, "images": images, "compile_s": first - wall,
                                    "step_ms": wall * 1e3, "tokens_per_s": tokens / wall})
