@@ -8,7 +8,9 @@ One builder, two layouts:
 Deployment names are fixed (`router`, `encoder`, `decoder`, `colocated`) so a Serve
 config's `deployments:` section can set replicas, `ray_actor_options` (TPU chips)
 and `autoscaling_config` per deployment. Cross-deployment settings are derived
-here, once, from one `model` and `device`, so the halves cannot disagree.
+here, once, from one `model`, `device` and `max_image_bytes`, so the halves cannot
+disagree, and the deploy is checked against the model's geometry before anything
+starts (`check_deploy`): a deploy that could never serve fails here, with the cause.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from deploy.encoder import EncoderDeployment
 from deploy.router import RouterServer
 from encoder_service.config import EncoderConfig
 from router.http_api import DEFAULT_MAX_REQUEST_BYTES
+from router.images import FetchPolicy
+from runtime.checkpoint import open_config
+from runtime.geometry import ModelGeometry, geometry_of, warn_if_misstated
+from runtime.limits import MAX_IMAGE_BYTES
 
 # The router only waits on I/O: it asks for no CPU, so it always fits beside the services.
 # It relays streams, so a router replica that is being replaced drains like a decoder replica.
@@ -48,6 +54,7 @@ class AppArgs(BaseModel):
     decoder: dict[str, Any] = Field(default_factory=dict)  # DecoderConfig fields
     fetch: dict[str, Any] = Field(default_factory=dict)  # router.images.FetchPolicy fields
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1)  # larger bodies: 413
+    max_image_bytes: int = Field(default=MAX_IMAGE_BYTES, ge=1)  # per image: router and encoder
     # How long a replica being replaced or scaled down may take to finish its requests.
     drain_timeout_s: float | None = Field(default=None, gt=0)  # None: the deployments' defaults
     encoder_replicas: int | None = Field(default=None, ge=1)
@@ -70,15 +77,16 @@ def _options(replicas: int | None) -> dict:
 def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     model = resolve_model(args.model)
-    for name, section in (("encoder", args.encoder), ("decoder", args.decoder)):
-        if {"model", "device"} & section.keys():
-            raise ValueError(f"{name}.model/{name}.device: set `model` and `device` once, at the top")
+    for name, section in (("encoder", args.encoder), ("decoder", args.decoder), ("fetch", args.fetch)):
+        for key in {"model", "device", "max_image_bytes"} & section.keys():
+            raise ValueError(f"{name}.{key}: set `{key}` once, at the top, for every deployment")
     common = {"model": model, "device": args.device, "strict_compile": args.strict_compile}
-    encoder_config = EncoderConfig(**{**args.encoder, **common})
+    encoder_config = EncoderConfig(**{**args.encoder, **common, "max_image_bytes": args.max_image_bytes})
     decoder_config = DecoderConfig(**{**args.decoder, **common})
-    fetch = dict(args.fetch)
+    fetch = {**args.fetch, "max_image_bytes": args.max_image_bytes}
     if "allowed_hosts" in fetch:
         fetch["allowed_hosts"] = frozenset(fetch["allowed_hosts"])
+    check_deploy(model, encoder_config, decoder_config, FetchPolicy(**fetch))
     settings = {"served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
                 "fetch": fetch, "max_request_bytes": args.max_request_bytes}
     drain = {} if args.drain_timeout_s is None else {"graceful_shutdown_timeout_s": args.drain_timeout_s}
@@ -95,3 +103,29 @@ def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     return RouterDeployment.options(**_options(args.router_replicas), **drain).bind(
         encoder, decoder, settings)
 
+
+def check_deploy(model: str, encoder: EncoderConfig, decoder: DecoderConfig,
+                 fetch: FetchPolicy) -> ModelGeometry:
+    """Cross-deployment invariants, checked before any replica starts; ValueError says which.
+
+    Reads the checkpoint's config and processor only (a hub id fetches no weights)."""
+    from transformers import AutoProcessor
+
+    from router.prompt import PromptBuilder
+
+    config = open_config(model)
+    geometry = geometry_of(config)  # the one rule for tokens per image; refuses unknown towers
+    warn_if_misstated(model, config, geometry)
+    # The router expands <image> with the same count: refuses a processor that disagrees.
+    PromptBuilder(AutoProcessor.from_pretrained(model), geometry.tokens_per_image)
+    max_model_len = decoder.max_model_len or geometry.max_position_embeddings
+    if max_model_len > geometry.max_position_embeddings:
+        raise ValueError(f"decoder.max_model_len: {max_model_len} exceeds the model's "
+                         f"max_position_embeddings ({geometry.max_position_embeddings})")
+    if max_model_len <= geometry.tokens_per_image + 1:
+        raise ValueError(f"decoder.max_model_len: {max_model_len} tokens cannot hold one image "
+                         f"({geometry.tokens_per_image} tokens) and a reply")
+    if fetch.max_image_bytes != encoder.max_image_bytes:  # one value by construction; kept honest
+        raise ValueError(f"max_image_bytes: the router fetches up to {fetch.max_image_bytes} bytes, "
+                         f"the encoder accepts {encoder.max_image_bytes}")
+    return geometry

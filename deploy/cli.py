@@ -6,23 +6,26 @@ import argparse
 import os
 import sys
 
+APP_NAME = "splitserve"
+DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # generous: the 7B model compiles every bucket on one chip
+
 
 def _demo_checkpoint(args: argparse.Namespace) -> int:
     from deploy.demo_checkpoint import write_demo_checkpoint
 
-    path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
+    path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed,
+                                 strategy=args.strategy, image_size=args.image_size,
+                                 image_seq_length=args.image_seq_length)
     print(f"wrote a {args.size} random-weight LLaVA-1.5 checkpoint (seed {args.seed}) to {path}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Starts (or joins) Ray, deploys router + encoder + decoder, waits until warm, serves
-    until Ctrl-C, then shuts Serve down cleanly."""
+    """Checks the deploy, starts (or joins) Ray, deploys router + encoder + decoder, waits
+    until warm, serves until Ctrl-C, then shuts Serve down cleanly. A deploy that cannot
+    become healthy exits non-zero with the cause (`deploy/startup.py`)."""
     import signal
     import threading
-
-    import ray
-    from ray import serve
 
     from deploy.app import AppArgs, build_app, resolve_model
 
@@ -32,26 +35,47 @@ def _serve(args: argparse.Namespace) -> int:
     app_args = AppArgs(model=model, device=args.device, layout=args.layout, decoder=decoder,
                        encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
+    try:
+        app = build_app(app_args)  # checks the deploy against the model before Ray starts
+    except ValueError as exc:
+        print(f"splitserve: cannot deploy {model}: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from deploy.startup import Deploying, health_probe, serve_status_probe, wait_until_ready
+
     local = {} if args.address else {"num_cpus": max(4, os.cpu_count() or 1)}  # one per replica
     # No --address: always a new local Ray, never a cluster some other process left running.
     ray.init(address=args.address or "local", namespace="splitserve", include_dashboard=False,
              log_to_driver=args.verbose, **local)
-    stop = threading.Event()
+    stop, drain = threading.Event(), True
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         print("splitserve: deploying; the encoder and decoder compile every bucket first "
               "(a minute or two on a CPU) ...", flush=True)
-        serve.run(build_app(app_args), name="splitserve", route_prefix="/", blocking=False)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-        if not _wait_healthy(f"{url}/health", stop):
+        deploying = Deploying(lambda: serve.run(app, name=APP_NAME, route_prefix="/"))
+        outcome = wait_until_ready(
+            [deploying.probe, serve_status_probe(APP_NAME), health_probe(f"{url}/health")], stop,
+            args.startup_timeout_s,
+            on_progress=lambda why: print(f"splitserve: waiting: {why}", flush=True))
+        if outcome.state == "stopped":
             return 130
+        if outcome.state == "failed":
+            print(f"splitserve: the deploy failed: {outcome.detail}", file=sys.stderr, flush=True)
+            if not args.address:
+                drain = False  # our own Ray: ray.shutdown() stops every replica at once
+            return 1
         print(f"splitserve: ready at {url}  (OpenAI API under {url}/v1; Ctrl-C stops)", flush=True)
         stop.wait()
         print("splitserve: shutting down", flush=True)
     finally:
-        serve.shutdown()
+        if drain:  # lets streams in flight finish; replicas still compiling would hold it up
+            serve.shutdown()
         ray.shutdown()
     return 0
 
@@ -96,19 +120,6 @@ def _bench_config(args: argparse.Namespace):
         request_timeout_s=args.request_timeout_s, label=args.label)
 
 
-def _wait_healthy(url: str, stop, poll_s: float = 1.0) -> bool:
-    import httpx
-
-    while not stop.is_set():
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        stop.wait(poll_s)
-    return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitserve",
@@ -120,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory")
     demo.add_argument("--size", choices=("tiny", "small"), default="tiny")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--strategy", choices=("default", "full"), default="default",
+                      help="vision_feature_select_strategy: 'full' keeps the CLS row (one more "
+                      "token per image)")
+    demo.add_argument("--image-size", type=int,
+                      help="the vision tower's input size in pixels (patches are 16 px)")
+    demo.add_argument("--image-seq-length", type=int,
+                      help="what config.json states as image_seq_length (default: the true count)")
     demo.set_defaults(run=_demo_checkpoint)
 
     serve = commands.add_parser("serve", help="run router + encoder + decoder on Ray Serve")
@@ -135,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int)
     serve.add_argument("--address", help="join this Ray cluster ('auto' for the local one) "
                        "instead of starting a local Ray")
+    serve.add_argument("--startup-timeout-s", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
+                       help="seconds the deploy may take to turn healthy (warm-up included) "
+                       "before it counts as failed")
     serve.add_argument("--verbose", action="store_true", help="show replica logs")
     serve.set_defaults(run=_serve)
 

@@ -41,8 +41,6 @@ from router.schemas import ChatCompletionRequest
 from router.service import RouterConfig, RouterService, ServiceUnavailable, StartupFailed
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
 
-log = logging.getLogger(__name__)
-
 HEALTH_TIMEOUT_S = 5.0
 
 # What a router replica reports beyond ROUTER_SERIES: retries after faults, and a gauge that
@@ -139,7 +137,12 @@ class RouterServer:
         # now, so the first request does not pay for loading the processor, and a failure
         # shows in the log as soon as it happens.
         self._warming = asyncio.get_event_loop().create_task(self.service())
-        self._warming.add_done_callback(_log_startup_failure)
+        self._warming.add_done_callback(self._log_startup_failure)
+
+    @staticmethod
+    def _log_startup_failure(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logging.getLogger(__name__).error("router: %s", task.exception())
 
     async def service(self) -> RouterService:
         """The service, built once; StartupFailed says why it cannot be (retried on each call)."""
@@ -224,8 +227,3 @@ class RouterServer:
             async for chunk in chunks:
                 yield chunk.model_dump(exclude_none=True)
         return dicts()
-
-
-def _log_startup_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("router: %s", task.exception())

@@ -30,7 +30,7 @@ from tests.support import image_data_url, wait_http_ok
 APP = "reliability"
 PREFIX = "/reliability"
 LIMITS = Limits(max_request_bytes=8 * 2**20, max_image_bytes=2 * 2**20, max_model_len=256, max_images=4)
-LOAD_GAUGES = ("ray_splitserve_decoder_slots_in_use", "ray_splitserve_decoder_running",
+LOAD_GAUGES = ("ray_splitserve_decoder_kv_blocks_used", "ray_splitserve_decoder_running",
                "ray_splitserve_decoder_waiting", "ray_splitserve_encoder_images_in_flight",
                "ray_splitserve_router_requests_generating")
 REPLACE_TIMEOUT_S = 300  # Serve starts a replacement replica, which compiles before it serves
@@ -47,11 +47,11 @@ def app_url(ray_serve, serve_http_port, tiny_checkpoint, image_host):
     app = build_app({
         "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
         "decoder": {"max_model_len": LIMITS.max_model_len, "max_num_seqs": 4,
-                    "max_prefill_images": LIMITS.max_images},
+                    "max_images_per_request": LIMITS.max_images},
         "encoder": {"max_batch_items": 4}, "encoder_replicas": 2, "decoder_replicas": 2,
-        "max_request_bytes": LIMITS.max_request_bytes,
+        "max_request_bytes": LIMITS.max_request_bytes, "max_image_bytes": LIMITS.max_image_bytes,
         "fetch": {"allowed_hosts": [f"127.0.0.1:{image_host.port}"], "timeout_s": 2.0,
-                  "max_image_bytes": LIMITS.max_image_bytes, "max_redirects": 3}})
+                  "max_redirects": 3}})
     ray_serve.run(app, name=APP, route_prefix=PREFIX)
     url = f"http://127.0.0.1:{serve_http_port}{PREFIX}"
     wait_http_ok(f"{url}/health", timeout_s=300)

@@ -25,7 +25,7 @@ IMAGE_FIELD = "messages.0.content.0.image_url"
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int
-    max_image_bytes: int  # the router's fetch / data-URL cap
+    max_image_bytes: int  # the app's per-image cap (router fetch / data URL, and the encoder)
     max_model_len: int
     max_images: int
 
