@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,33 @@ def test_workload_is_seeded_and_repeats_only_earlier_images():
     assert cached.num_unique_images == 1 and all(r.all_images_repeated for r in cached.requests[1:])
     with pytest.raises(ValueError, match="repeat_ratio"):
         WorkloadSpec(repeat_ratio=1.5)
+
+
+def test_image_pool_workload_repeats_exactly_n_images_with_new_questions():
+    spec = WorkloadSpec(num_requests=40, image_pool_size=8, prompt_words=6, seed=5)
+    workload = build_workload(spec)
+    images = [r.image_urls[0] for r in workload.requests]
+    assert len(set(images)) == 8 == workload.num_unique_images  # the same bytes each time
+    assert all(images.count(url) == 5 for url in set(images))  # shuffled rounds: equal shares
+    assert len({r.prompt for r in workload.requests}) == 40  # a new question every request
+    first_sight = [i for i, url in enumerate(images) if url not in images[:i]]
+    assert first_sight == list(range(8))  # the first round shows each image once
+    assert [r.num_repeated_images for r in workload.requests] == [0] * 8 + [1] * 32
+    assert workload.summary()["repeated_image_fraction"] == pytest.approx(32 / 40)
+    warmup = build_workload(replace(spec, num_requests=8), salt=1)
+    assert not {r.image_urls[0] for r in warmup.requests} & set(images)  # primes no cache
+    with pytest.raises(ValueError, match="one way to repeat"):
+        WorkloadSpec(image_pool_size=8, repeat_ratio=0.5)
+
+
+def test_seen_image_pairs_share_image_bytes_and_differ_in_text():
+    workload = build_workload(WorkloadSpec(num_requests=8, questions_per_image=2, prompt_words=4, seed=2))
+    pairs = list(zip(workload.requests[::2], workload.requests[1::2]))
+    assert len(pairs) == 4 and workload.num_unique_images == 4
+    for first, second in pairs:
+        assert first.image_urls == second.image_urls and first.prompt != second.prompt
+        assert first.num_repeated_images == 0 and second.all_images_repeated
+    assert len({first.image_urls for first, _ in pairs}) == 4  # each pair a new image
 
 
 def test_summary_follows_vllm_definitions():

@@ -1,10 +1,19 @@
 """Benchmark workloads: seeded chat requests with images drawn from a pool of real photos.
 
 Every image slot is either *new* (a fresh crop of a pool photo, so its bytes, and any
-server-side cache key, have not been seen in this run) or, with probability
-`repeat_ratio`, a *repeat* of an image an earlier request already sent (a cache hit for a
-server that caches image embeddings). Images are JPEG-encoded once, before the run, so
-the client's timings hold no encoding work.
+server-side cache key, have not been seen in this run) or a *repeat* of an image an earlier
+request already sent, byte for byte (a cache hit for a server that caches image embeddings or
+prefix KV). Which, is one of three modes:
+
+- `repeat_ratio`: each slot repeats a random earlier image with that probability;
+- `image_pool_size` N: every slot is one of N images, in shuffled rounds (each image once per
+  round), so after the first N slots every one is a repeat;
+- `questions_per_image` Q: each new image is asked about by Q consecutive requests (first
+  sight, then Q - 1 repeats), as in a multi-turn chat about one picture.
+
+Prompts (the "questions") are drawn per request and never repeat within a workload, so a
+repeated image always comes with different text. Images are JPEG-encoded once, before the
+run, so the client's timings hold no encoding work.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ class WorkloadSpec:
     prompt_words: int = 32
     output_tokens: int = 32
     image_max_side: int = 448  # crops are resized so that their longer side is at most this
+    image_pool_size: int = 0  # > 0: every image is one of this many (see the module docstring)
+    questions_per_image: int = 1  # consecutive requests asking about each new image
     seed: int = 0
 
     def __post_init__(self):
@@ -59,6 +70,13 @@ class WorkloadSpec:
             raise ValueError("prompt_words and output_tokens must be >= 1")
         if self.image_max_side < 32:
             raise ValueError(f"image_max_side must be >= 32; got {self.image_max_side}")
+        if self.image_pool_size < 0 or self.questions_per_image < 1:
+            raise ValueError("image_pool_size must be >= 0 and questions_per_image >= 1; got "
+                             f"{self.image_pool_size} and {self.questions_per_image}")
+        modes = (self.repeat_ratio > 0) + (self.image_pool_size > 0) + (self.questions_per_image > 1)
+        if modes > 1:
+            raise ValueError("choose one way to repeat images: repeat_ratio, image_pool_size or "
+                             "questions_per_image")
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,8 @@ class Workload:
         return {"num_requests": len(self.requests), "images_per_request": self.spec.images_per_request,
                 "repeat_ratio": self.spec.repeat_ratio, "prompt_words": self.spec.prompt_words,
                 "output_tokens": self.spec.output_tokens, "image_max_side": self.spec.image_max_side,
+                "image_pool_size": self.spec.image_pool_size,
+                "questions_per_image": self.spec.questions_per_image,
                 "seed": self.spec.seed, "num_unique_images": self.num_unique_images,
                 "repeated_image_fraction": repeated / slots if slots else 0.0,
                 "mean_image_bytes": (sum(len(u) for r in self.requests for u in r.image_urls) * 3 / 4
@@ -123,25 +143,47 @@ def build_workload(spec: WorkloadSpec, salt: int = 0) -> Workload:
     gives different images and prompts (warm-up requests use one, so they prime no cache)."""
     rng = np.random.default_rng([spec.seed, salt])
     pool = photo_pool()
-    urls: list[str] = []  # unique images, in the order they were first sent
+    urls: list[str] = []  # unique images, in the order they were first made
     seen: set[bytes] = set()
+
+    def new_image() -> int:
+        jpeg = _crop(rng, pool[int(rng.integers(0, len(pool)))], spec.image_max_side)
+        while jpeg in seen:  # astronomically rare; a repeat must never pass for new
+            jpeg = _crop(rng, pool[int(rng.integers(0, len(pool)))], spec.image_max_side)
+        seen.add(jpeg)
+        urls.append(_data_url(jpeg))
+        return len(urls) - 1
+
+    image_pool = [new_image() for _ in range(spec.image_pool_size)]
+    rounds: list[int] = []  # the pool's images still to send in this round
+    prompts: set[str] = set()
+    distinct_prompts = len(_WORDS) ** spec.prompt_words
+    sent: set[int] = set()
     workload = Workload(spec)
     for index in range(spec.num_requests):
-        ids, repeated, num_prior = [], 0, len(urls)
-        for _ in range(spec.images_per_request):
-            if num_prior and rng.random() < spec.repeat_ratio:
-                ids.append(int(rng.integers(0, num_prior)))
-                repeated += 1
-                continue
-            jpeg = _crop(rng, pool[int(rng.integers(0, len(pool)))], spec.image_max_side)
-            while jpeg in seen:  # astronomically rare; a repeat must never pass for new
-                jpeg = _crop(rng, pool[int(rng.integers(0, len(pool)))], spec.image_max_side)
-            seen.add(jpeg)
-            urls.append(_data_url(jpeg))
-            ids.append(len(urls) - 1)
-        words = rng.choice(len(_WORDS), size=spec.prompt_words)
-        prompt = " ".join(_WORDS[i] for i in words)
+        ids = []
+        for slot in range(spec.images_per_request):
+            if image_pool:
+                if not rounds:
+                    rounds = [image_pool[i] for i in rng.permutation(len(image_pool))]
+                ids.append(rounds.pop())
+            elif index % spec.questions_per_image:  # the same image(s) as the request before
+                ids.append(workload.requests[-1].image_ids[slot])
+            elif sent and rng.random() < spec.repeat_ratio:
+                ids.append(sorted(sent)[int(rng.integers(0, len(sent)))])
+            else:
+                ids.append(new_image())
+        repeated = sum(i in sent for i in ids)
+        sent.update(ids)
+        prompt = _prompt(rng, spec.prompt_words)
+        while prompt in prompts and len(prompts) < distinct_prompts:  # a new question each time
+            prompt = _prompt(rng, spec.prompt_words)
+        prompts.add(prompt)
         workload.requests.append(BenchRequest(index, prompt, tuple(urls[i] for i in ids), tuple(ids),
                                               repeated))
-    workload.num_unique_images = len(urls)
+    workload.num_unique_images = len(sent)
     return workload
+
+
+def _prompt(rng: np.random.Generator, num_words: int) -> str:
+    return " ".join(_WORDS[i] for i in rng.choice(len(_WORDS), size=num_words))
