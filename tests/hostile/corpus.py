@@ -167,6 +167,13 @@ CASES: list[Case] = [
          message="logprobs"),
     Case("several_choices", lambda c: chat(n=4), 400, param="n"),
     Case("too_many_stop_strings", lambda c: chat(stop=[f"s{i}" for i in range(20)]), 400, param="stop"),
+    # text that is valid JSON but not valid Unicode
+    Case("lone_surrogate_in_text", lambda c: raw(b'{"messages": [{"role": "user", "content": '
+                                                 b'"\\ud800 hi"}], "max_tokens": 2}'), 400,
+         param="messages.0.content", message="lone surrogate U\\+D800"),
+    Case("lone_surrogate_in_text_part", lambda c: raw(
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi \\udfff"}]}]}'),
+         400, param="messages.0.content.0.text", message="lone surrogate"),
     # prompt size
     Case("huge_prompt", lambda c: chat(messages=[{"role": "user", "content": "word " * 200_000}]),
          400, param="messages", message="characters of text cannot fit"),
