@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -84,8 +85,11 @@ async def resolve_model(client: httpx.AsyncClient, base_url: str) -> str:
     return models[0]["id"]
 
 
-async def arun_bench(config: BenchConfig) -> tuple[dict, list[RequestResult]]:
-    """Runs the benchmark; returns the report (see `report.summarize`) and per-request results."""
+async def arun_bench(config: BenchConfig, after_warmup: Callable[[], None] | None = None
+                     ) -> tuple[dict, list[RequestResult]]:
+    """Runs the benchmark; returns the report (see `report.summarize`) and per-request results.
+    `after_warmup` is called (blocking, nothing in flight) after the warm-up requests, before
+    timing starts: e.g. to read the server's counters."""
     workload = build_workload(config.workload)
     warmup = (build_workload(WorkloadSpec(**{**asdict(config.workload),
                                              "num_requests": config.warmup_requests}), salt=1)
@@ -102,6 +106,8 @@ async def arun_bench(config: BenchConfig) -> tuple[dict, list[RequestResult]]:
                               time.perf_counter(), config.request_timeout_s)
             if result.error:
                 warmup_errors.append(result.error)
+        if after_warmup:
+            after_warmup()
         started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         results = [RequestResult(r.index, len(r.image_urls), r.all_images_repeated)
                    for r in workload.requests]
@@ -146,5 +152,6 @@ async def _drive(client: httpx.AsyncClient, config: BenchConfig, model: str,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_bench(config: BenchConfig) -> tuple[dict, list[RequestResult]]:
-    return asyncio.run(arun_bench(config))
+def run_bench(config: BenchConfig, after_warmup: Callable[[], None] | None = None
+              ) -> tuple[dict, list[RequestResult]]:
+    return asyncio.run(arun_bench(config, after_warmup))
