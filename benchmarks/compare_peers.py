@@ -1,23 +1,38 @@
-"""Side by side in one run: splitserve vs `transformers serve` (default and --continuous-batching).
+"""Side by side in one run: splitserve vs `transformers serve` (default and --continuous-batching)
+and vLLM's CPU backend.
 
-    .venv/bin/python benchmarks/compare_peers.py [--size small] [--servers transformers,transformers-cb,splitserve]
+    .venv/bin/python benchmarks/compare_peers.py [--size small] [--workloads peers|issue13|all|NAME,...]
+        [--servers transformers,transformers-cb,vllm,splitserve] [--smoke]
 
 Each server runs alone (started, measured, stopped before the next starts), so none shares
-the CPU with another. All get the same workloads from `splitserve bench`: concurrency 1, 4
-and 16 with 8, 16 and 32 requests, one new photo crop per request, fixed output lengths
-(splitserve: `ignore_eos`; transformers serve rejects that field, so it gets a
-`generation_config` with `min_new_tokens` = `max_new_tokens`); a cache run at concurrency
-1 where half the images repeat earlier ones, for cached-vs-uncached TTFT; and concurrency 16
-with longer answers (`--long-output-tokens`), where decoding rather than prefill dominates.
+the CPU with another. All get the same workloads from `splitserve bench`, fixed output lengths
+(splitserve and vLLM: `ignore_eos`; transformers serve rejects that field, so it gets a
+`generation_config` with `min_new_tokens` = `max_new_tokens`). The workloads (`WORKLOADS`):
+
+- `peers`: concurrency 1, 4 and 16 with 8, 16 and 32 requests, one new photo crop per request;
+  a cache run at concurrency 1 where half the images repeat earlier ones (cached-vs-uncached
+  TTFT); concurrency 16 with longer answers (`--long-output-tokens`);
+- `issue13` (issue 13's benchmarks): `image-pool`, concurrency 16, 64 requests whose images come
+  from a pool of 8 (the same bytes each time) with a new question each; `new-images-itl`,
+  concurrency 16, every image new, 64 output tokens (inter-token latency); `seen-image-ttft`,
+  concurrency 1, 8 images each asked twice in a row with different questions (TTFT of the
+  second sight over the first).
+
+vLLM runs through `../shared/peers/vllm-cpu/serve.sh` on a llava-hf-layout copy of the
+checkpoint, with splitserve's `--max-model-len` and `--max-num-seqs`. Where a server exports
+prefix-cache counters (vLLM's /metrics; splitserve's through Ray's metrics port) each run
+records the prompt tokens queried and hit.
 
 On a shared machine: before each run the script waits (bounded) for other work to leave the
 CPU and records how busy it was; it runs itself and every server at `--nice` (process and
 session autogroup, which needs root for negative values). `--merge` re-runs some servers and
-keeps the others' results. About 45 minutes on 2 cores for the `small` checkpoint.
+keeps the others' results. `--smoke` checks the harness in minutes (at most concurrency 2,
+4 requests, 8 output tokens, a pool of 2 images per run; use it with `--size tiny`).
 
 Raw reports (JSON + PNG per run, server logs) go to `bench-results/peers/`; the tables,
-machine, versions and command lines go into `docs/benchmarks.md` under SECTION (other
-sections of that file are left as they are; an `### Analysis` subsection is kept).
+machine, versions and command lines go into `docs/benchmarks.md`, `peers` runs under
+`peers_doc.SECTION` and `issue13` runs under `issue13_doc.SECTION` (other sections of that
+file are left as they are; an `### Analysis` subsection is kept).
 """
 
 from __future__ import annotations
@@ -27,180 +42,59 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers_doc import SECTION, plot_peers, render_section, update_doc  # noqa: E402
+from benchmarks import issue13_doc, peers_doc  # noqa: E402
+from benchmarks.peer_servers import (OtherWork, Server, metrics_url, prefix_cache_delta,  # noqa: E402
+                                     prefix_counters, prepare_vllm, prioritize, servers, start,
+                                     stop, vllm_versions, wait_quiet)
 from deploy.bench import BenchConfig, WorkloadSpec, plot_png, run_bench, write_json  # noqa: E402
 from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
 
-BIN = Path(sys.executable).parent
-LEVELS = ((1, 8), (4, 16), (16, 32))  # (concurrency, requests)
+GROUPS = {"peers": ("c1", "c4", "c16", "cache", "c16-long"),
+          "issue13": ("image-pool", "new-images-itl", "seen-image-ttft")}
+GROUPS["all"] = GROUPS["peers"] + GROUPS["issue13"]
 
 
-@dataclass(frozen=True)
-class Server:
-    name: str
-    argv: tuple[str, ...]
-    port: int
-    model: str  # what requests name as `model`
-    ignore_eos: bool  # else: fixed lengths through transformers' `generation_config`
-    startup_timeout_s: float
-    stop_signal: int
-    env: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def command_line(self) -> str:
-        argv = [Path(a).relative_to(ROOT).as_posix() if a.startswith(str(ROOT) + "/") else a
-                for a in self.argv]
-        return shlex.join([f"{k}={v}" for k, v in self.env] + argv)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def workloads(args) -> dict[str, tuple[int, WorkloadSpec]]:
+    """Every named run: (concurrency, workload). Seeds are fixed, so every server gets the
+    same requests, byte for byte."""
+    base = WorkloadSpec(prompt_words=args.prompt_words, output_tokens=args.output_tokens)
+    runs = {
+        "c1": (1, replace(base, num_requests=8, seed=101)),
+        "c4": (4, replace(base, num_requests=16, seed=104)),
+        "c16": (16, replace(base, num_requests=32, seed=116)),
+        "cache": (1, replace(base, num_requests=args.cache_requests, repeat_ratio=0.5, seed=7)),
+        # where decoding, not prefill, dominates the work
+        "c16-long": (16, replace(base, num_requests=32, output_tokens=args.long_output_tokens, seed=216)),
+        "image-pool": (16, replace(base, num_requests=64, image_pool_size=8, seed=300)),
+        "new-images-itl": (16, replace(base, num_requests=32, output_tokens=64, seed=301)),
+        "seen-image-ttft": (1, replace(base, num_requests=16, questions_per_image=2, seed=302)),
+    }
+    if args.smoke:  # the same shapes, a few requests each
+        runs = {name: (min(c, 2), replace(w, num_requests=min(w.num_requests, 4),
+                                          output_tokens=min(w.output_tokens, 8),
+                                          image_pool_size=min(w.image_pool_size, 2)))
+                for name, (c, w) in runs.items()}
+    return runs
 
 
-def servers(checkpoint: Path, args) -> dict[str, Server]:
-    def transformers(port: int, *extra: str) -> tuple[str, ...]:
-        return (str(BIN / "transformers"), "serve", str(checkpoint), "--device", "cpu",
-                "--host", "127.0.0.1", "--port", str(port), *extra)
-
-    ports = [free_port() for _ in range(3)]
-    splitserve = (str(BIN / "splitserve"), "serve", "--model", str(checkpoint), "--port", str(ports[2]),
-                  "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs))
-    return {"transformers": Server("transformers", transformers(ports[0]), ports[0], str(checkpoint),
-                                   False, 600, signal.SIGTERM),
-            "transformers-cb": Server("transformers-cb", transformers(ports[1], "--continuous-batching"),
-                                      ports[1], str(checkpoint), False, 600, signal.SIGTERM),
-            # A fresh local Ray even where another is running (ray.init would join that one), and
-            # replicas at the niceness of the other servers (Ray's default puts workers at +15).
-            "splitserve": Server("splitserve", splitserve, ports[2], checkpoint.name, True, 2400,
-                                 signal.SIGINT, env=(("RAY_ADDRESS", "local"), ("RAY_worker_niceness", "0")))}
-
-
-def cpu_busy(sample_s: float = 5.0) -> float:
-    """Fraction of all cores busy over `sample_s` (from /proc/stat). Between runs the server
-    under test is idle, so this is other work on the machine."""
-    def times():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    total0, idle0 = times()
-    time.sleep(sample_s)
-    total1, idle1 = times()
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-class OtherWork:
-    """CPU time that neither the server (its session: every process it started, Ray's
-    included) nor this script used, as a share of both cores over a run."""
-
-    TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-    def __init__(self, server_pid: int):
-        self.sessions = {server_pid, os.getsid(0)}
-
-    def _ours_s(self) -> float:
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:  # the process ended
-                continue
-            if int(fields[3]) in self.sessions:  # session id
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total * self.TICK_S
-
-    @classmethod
-    def _busy_s(cls) -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return (sum(fields) - fields[3] - fields[4]) * cls.TICK_S
-
-    def __enter__(self):
-        self.t0, self.busy0, self.ours0 = time.monotonic(), self._busy_s(), self._ours_s()
-        return self
-
-    def __exit__(self, *exc):
-        busy, ours = self._busy_s() - self.busy0, self._ours_s() - self.ours0
-        self.share = max(0.0, busy - ours) / ((time.monotonic() - self.t0) * os.cpu_count())
-        return False
-
-
-def wait_quiet(max_wait_s: float, busy_below: float = 0.15) -> float:
-    """Waits (up to max_wait_s) until other work leaves the CPU mostly idle, so it is not
-    measured too. Returns the busy fraction seen last."""
-    deadline = time.monotonic() + max_wait_s
-    busy = cpu_busy()
-    while busy >= busy_below and time.monotonic() < deadline:
-        busy = cpu_busy()
-    return busy
-
-
-def prioritize(pid: int, nice: int) -> None:
-    """Niceness for `pid` and for its session's autogroup: with autogroups (Linux's default for
-    desktops and most VMs) the scheduler first shares the CPU between sessions, so a process's
-    own niceness only counts against processes of its session. Children inherit both."""
-    os.setpriority(os.PRIO_PROCESS, pid, nice)
-    autogroup = Path(f"/proc/{pid}/autogroup")
-    if autogroup.exists():
-        autogroup.write_text(str(nice))
-
-
-def start(server: Server, log_path: Path, nice: int) -> tuple[subprocess.Popen, float]:
-    import httpx
-
-    hf_home = log_path.parent / "hf-home"
-    (hf_home / "hub").mkdir(parents=True, exist_ok=True)  # `transformers serve` scans it
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PJRT_DEVICE": "CPU",
-           **dict(server.env)}
-    t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(server.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=ROOT)
-    if nice:
-        prioritize(process.pid, nice)  # its own session: its own autogroup
-    while time.monotonic() - t0 < server.startup_timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
-                return process, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    stop(process, server.stop_signal)
-    raise TimeoutError(f"{server.name} was not healthy within {server.startup_timeout_s} s")
-
-
-def stop(process: subprocess.Popen, signum: int) -> None:
-    """The server's own shutdown first (splitserve drains and stops Ray on SIGINT), then its
-    process group, which only this script started."""
-    if process.poll() is None:
-        process.send_signal(signum)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
+def selected_workloads(text: str) -> list[str]:
+    """`--workloads`: run and group names, comma-separated, in `GROUPS["all"]` order."""
+    names = set()
+    for name in text.split(","):
+        if name not in GROUPS and name not in GROUPS["all"]:
+            raise argparse.ArgumentTypeError(
+                f"unknown workload {name!r}; choose from {', '.join([*GROUPS, *GROUPS['all']])}")
+        names.update(GROUPS.get(name, (name,)))
+    return [n for n in GROUPS["all"] if n in names]
 
 
 def configs(server: Server, args) -> dict[str, BenchConfig]:
@@ -210,22 +104,13 @@ def configs(server: Server, args) -> dict[str, BenchConfig]:
         return {"generation_config": json.dumps(
             {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False})}
 
-    def run(label: str, concurrency: int, **workload) -> BenchConfig:
-        spec = replace(base_workload, **workload)
-        return BenchConfig(base_url=f"{server.url}/v1", model=server.model, workload=spec,
-                           max_concurrency=concurrency, ignore_eos=server.ignore_eos,
-                           extra_body=fixed_length(spec.output_tokens), warmup_requests=1,
-                           timeout_s=args.run_timeout_s, request_timeout_s=args.run_timeout_s,
-                           label=f"{server.name} {label}")
-
-    base_workload = WorkloadSpec(prompt_words=args.prompt_words, output_tokens=args.output_tokens)
-    runs = {f"c{c}": run(f"c{c}", c, num_requests=n, seed=100 + c)
-            for c, n in LEVELS if c in args.concurrency}
-    runs["cache"] = run("cache", 1, num_requests=args.cache_requests, repeat_ratio=0.5, seed=7)
-    if args.long_output_tokens:  # where decoding, not prefill, dominates the work
-        runs["c16-long"] = run("c16-long", 16, num_requests=32, output_tokens=args.long_output_tokens,
-                               seed=216)
-    return runs
+    runs = workloads(args)
+    return {name: BenchConfig(base_url=f"{server.url}/v1", model=server.model, workload=spec,
+                              max_concurrency=concurrency, ignore_eos=server.ignore_eos,
+                              extra_body=fixed_length(spec.output_tokens), warmup_requests=1,
+                              timeout_s=args.run_timeout_s, request_timeout_s=args.run_timeout_s,
+                              label=f"{server.name} {name}")
+            for name in args.workloads for concurrency, spec in [runs[name]]}
 
 
 def bench_command(config: BenchConfig) -> str:
@@ -236,6 +121,8 @@ def bench_command(config: BenchConfig) -> str:
             "--images-per-request", w.images_per_request, "--repeat-ratio", w.repeat_ratio,
             "--prompt-words", w.prompt_words, "--output-tokens", w.output_tokens, "--seed", w.seed,
             "--warmup-requests", config.warmup_requests]
+    argv += ["--image-pool-size", w.image_pool_size] if w.image_pool_size else []
+    argv += ["--questions-per-image", w.questions_per_image] if w.questions_per_image > 1 else []
     argv += ["--ignore-eos"] if config.ignore_eos else []
     argv += ["--extra-body", json.dumps(config.extra_body)] if config.extra_body else []
     return shlex.join(str(a) for a in argv)
@@ -248,21 +135,32 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
     result = {"argv": server.command_line, "startup_s": startup_s, "runs": {}, "commands": {},
               "started_at": time.strftime("%H:%M")}
     try:
+        metrics = metrics_url(server, process)
         for name, config in configs(server, args).items():
-            if args.runs and name not in args.runs:
-                continue
             busy_before = wait_quiet(args.wait_quiet_s)
+            counters = []  # prefix-cache counters after the warm-up request, and after the run
+
+            def read_counters():
+                if metrics:
+                    time.sleep(server.metrics_lag_s)
+                counters.append(prefix_counters(metrics, server.prefix_metrics))
+
             with OtherWork(process.pid) as other:
-                report, _ = run_bench(config)
+                report, _ = run_bench(config, after_warmup=read_counters)
+            read_counters()
+            prefix_cache = prefix_cache_delta(*counters)
             report["cpu_busy_before"], report["cpu_other_during"] = busy_before, other.share
+            report["prefix_cache"] = prefix_cache
             stem = out_dir / f"{server.name}-{name}"
             write_json(report, stem.with_suffix(".json"))
             plot_png(report, stem.with_suffix(".png"))
             result["runs"][name] = {k: v for k, v in report.items() if k != "requests"}
             result["commands"][name] = bench_command(config)
+            hits = (f", prefix-cache hits {prefix_cache['hit_rate']:.0%}"
+                    if prefix_cache and prefix_cache["hit_rate"] is not None else "")
             print(f"[{time.strftime('%H:%M:%S')}] {server.name} {name}: "
                   f"{report['output_throughput']:.1f} output tok/s, TTFT median "
-                  f"{(report['ttft_ms'] or {}).get('median', float('nan')):.0f} ms, "
+                  f"{(report['ttft_ms'] or {}).get('median', float('nan')):.0f} ms{hits}, "
                   f"{report['errors']} errors (CPU {busy_before:.0%} busy before, other work "
                   f"{other.share:.0%} during)", flush=True)
     finally:
@@ -286,15 +184,23 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
-    parser.add_argument("--servers", default="transformers,transformers-cb,splitserve")
-    parser.add_argument("--concurrency", default="1,4,16", help="a subset of 1,4,16")
+    parser.add_argument("--servers", default="transformers,transformers-cb,vllm,splitserve")
+    parser.add_argument("--workloads", type=selected_workloads, default="peers",
+                        help="runs or groups of runs, comma-separated: peers (c1,c4,c16,cache,"
+                        "c16-long), issue13 (image-pool,new-images-itl,seen-image-ttft), all")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few requests per run, to check the harness (writes its doc "
+                        "section under --out-dir, not docs/)")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=32)
     parser.add_argument("--cache-requests", type=int, default=16)
     parser.add_argument("--long-output-tokens", type=int, default=128,
-                        help="also run concurrency 16 with this many output tokens (0: skip)")
+                        help="output tokens of the c16-long run")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--splitserve-args", default="",
+                        help="more `splitserve serve` flags, as one string")
+    parser.add_argument("--vllm-args", default="", help="more vLLM server flags, as one string")
     parser.add_argument("--run-timeout-s", type=float, default=900.0, help="bound on each bench run")
     parser.add_argument("--wait-quiet-s", type=float, default=120.0,
                         help="wait up to this long for other work to leave the CPU before each run")
@@ -302,37 +208,51 @@ def main(argv: list[str] | None = None) -> int:
                         help="niceness of this script, hence of the servers and the client (a "
                         "negative value needs root): on a shared machine, other work then takes "
                         "less of the CPU from what is measured")
-    parser.add_argument("--runs", help="only these runs (of c1,c4,c16,cache,c16-long)")
     parser.add_argument("--merge", action="store_true",
                         help="keep earlier results from OUT_DIR/summary.json, replacing only the "
                         "runs made now (e.g. one that other work on the machine disturbed)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results" / "peers")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--doc", type=Path)
     args = parser.parse_args(argv)
-    args.concurrency = {int(c) for c in args.concurrency.split(",")}
-    args.runs = set(args.runs.split(",")) if args.runs else None
+    args.out_dir = args.out_dir or ROOT / "bench-results" / ("peers-smoke" if args.smoke else "peers")
+    args.doc = args.doc or (args.out_dir / "benchmarks.md" if args.smoke else ROOT / "docs" / "benchmarks.md")
+    server_names = args.servers.split(",")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.nice:
         prioritize(os.getpid(), args.nice)
 
     checkpoint = cached_demo_checkpoint(args.size)
     known = servers(checkpoint, args)
+    unknown = [n for n in server_names if n not in known]
+    if unknown:
+        parser.error(f"unknown servers {unknown}; choose from {', '.join(known)}")
     results = {"machine": machine(), "size": args.size, "checkpoint": str(checkpoint),
                "script": shlex.join([Path(sys.executable).relative_to(ROOT).as_posix()
                                      if Path(sys.executable).is_relative_to(ROOT) else sys.executable,
                                      "benchmarks/compare_peers.py", *(argv or sys.argv[1:])]),
                "started_at": time.strftime("%Y-%m-%d %H:%M %Z"),
                "nice": os.getpriority(os.PRIO_PROCESS, 0), "servers": {}}
+    if "vllm" in server_names:  # before any server starts: a missing peer fails fast
+        prepare_vllm(checkpoint)
+        results["machine"]["versions"].update(vllm_versions())
     summary = args.out_dir / "summary.json"
     if args.merge and summary.exists():
         previous = json.loads(summary.read_text())
         results["servers"] = previous["servers"]
         results["script"] = f"{previous['script']}; then {results['script']}"
-        rerun = ",".join(sorted(args.runs or ["all runs"]))
-        results["started_at"] = (f"{previous['started_at']}; re-run of {rerun} on {args.servers}: "
-                                 f"{results['started_at']}")
-    for name in args.servers.split(","):
-        result = run_server(known[name], args, args.out_dir)
+        results["started_at"] = (f"{previous['started_at']}; re-run of {','.join(args.workloads)} "
+                                 f"on {args.servers}: {results['started_at']}")
+    failed = []
+    for name in server_names:
+        try:
+            result = run_server(known[name], args, args.out_dir)
+        except (RuntimeError, TimeoutError) as exc:  # it did not start: measure the others
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {exc}", flush=True)
+            failed.append(name)
+            if name not in results["servers"]:
+                results["servers"][name] = {"argv": known[name].command_line, "startup_s": None,
+                                            "error": str(exc), "runs": {}, "commands": {}}
+            continue
         if name in results["servers"]:  # --merge: the runs made now replace their earlier ones
             earlier = results["servers"][name]
             result["runs"] = {**earlier["runs"], **result["runs"]}
@@ -340,10 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             result["started_at"] = f"{earlier.get('started_at', '')}, {result['started_at']}"
         results["servers"][name] = result
         write_json(results, summary)  # what finished, if a later one fails
-    plot = plot_peers(results, args.doc.parent / "benchmarks-peers.png")
-    update_doc(args.doc, render_section(results, plot.relative_to(args.doc.parent)))
-    print(f"wrote {summary}, {plot} and the {SECTION!r} section of {args.doc}")
-    return 0
+    write_json(results, summary)
+    measured = {run for server in results["servers"].values() for run in server["runs"]}
+    if measured & set(GROUPS["peers"]):
+        plot = peers_doc.plot_peers(results, args.doc.parent / "benchmarks-peers.png")
+        peers_doc.update_doc(args.doc, peers_doc.render_section(results, plot.relative_to(args.doc.parent)))
+        print(f"wrote {plot} and the {peers_doc.SECTION!r} section of {args.doc}")
+    if measured & set(GROUPS["issue13"]):
+        peers_doc.update_doc(args.doc, issue13_doc.render_section(results))
+        print(f"wrote the {issue13_doc.SECTION!r} section of {args.doc}")
+    print(f"wrote {summary}" + (f"; did not start: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

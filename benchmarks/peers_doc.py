@@ -1,4 +1,6 @@
-"""The peers section of `docs/benchmarks.md` and its plot, from `compare_peers.py`'s results."""
+"""The peers section of `docs/benchmarks.md` and its plot, from `compare_peers.py`'s results;
+and what every section written from those results shares: the set-up paragraph, the start-up
+and other-work table, the command lines, and how a section replaces its earlier version."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from pathlib import Path
 SECTION = "## Peers: splitserve vs transformers serve"
 ANALYSIS = "### Analysis"
 TITLES = {"transformers": "transformers serve", "transformers-cb": "transformers serve --continuous-batching",
-          "splitserve": "splitserve"}
-PEERS = ("transformers", "transformers-cb")
+          "vllm": "vLLM (CPU backend)", "splitserve": "splitserve"}
+PEERS = ("transformers", "transformers-cb", "vllm")
 RUN_ORDER = ("c1", "c4", "c16", "c16-long", "cache")
 ROWS = (  # (label, key, stat, higher is better)
     ("output tok/s", "output_throughput", None, True),
@@ -31,7 +33,7 @@ def metric(run: dict | None, key: str, stat: str | None) -> float | None:
     return value.get(stat) if stat and value else value
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
@@ -54,32 +56,71 @@ def _cache_ratio(run: dict | None) -> tuple[float | None, float | None, float | 
     return new, repeated, (repeated / new if new and repeated else None)
 
 
-def render_section(results: dict, plot_path: Path) -> str:
+def setup_lines(results: dict) -> list[str]:
+    """How it was measured: the command, machine, versions, checkpoint, and how the servers
+    shared the machine; servers that did not start, and why."""
     servers, m = results["servers"], results["machine"]
-    names = [n for n in TITLES if n in servers]
-    runs = [r for r in RUN_ORDER[:-1] if any(r in s["runs"] for s in servers.values())]
-    first = next(iter(servers.values()))["runs"]
-    w = (first.get("c1") or next(iter(first.values())))["workload"]  # the base workload
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    out = [SECTION, "",
-           f"Measured {results['started_at']} (commit `{m['commit']}`), by:", "", "```",
+    out = [f"Measured {results['started_at']} (commit `{m['commit']}`), by:", "", "```",
            *results["script"].split("; then "), "```", "",
            "Raw reports (JSON and PNG per run, server logs): `bench-results/peers/` (not committed).", "",
            f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, {m['os']}; "
            f"Python {m['python']}; {versions}. No accelerator: splitserve runs XLA on the CPU "
-           "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`).",
+           "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`), vLLM its CPU "
+           "backend (`shared/peers/vllm-cpu/serve.sh`: float32, chunked prefill, prefix caching and "
+           "torch.compile on, as it ships).",
            f"- **Checkpoint**: the `{results['size']}` demo checkpoint (`{results['checkpoint']}`), "
-           "random weights, the same files for every server.",
-           f"- **Workload** (`splitserve bench`): {w['images_per_request']} image per request, each a "
+           "random weights, the same files for every server (for vLLM a copy with the vision tower's "
+           "tensors renamed to the llava-hf layout its loader expects).",
+           "- **Each server runs alone**: the previous one is stopped before the next starts. The "
+           "machine is shared with other work; before each run the script waits (up to a bound) for "
+           "the CPU to go quiet, and records how busy it was (below). The client and every server ran "
+           f"at niceness {results['nice']}, process and session autogroup (so other sessions' work "
+           "takes less of the CPU from them); splitserve's Ray workers at the same "
+           "(`RAY_worker_niceness=0`; Ray's default would put them at +15 against the peers' 0)."]
+    out += [f"- **{TITLES[n]} did not start**: {s['error']}" for n, s in servers.items() if s.get("error")]
+    return out + [""]
+
+
+def load_lines(results: dict, runs: list[str]) -> list[str]:
+    """Start-up time per server, and other work on the machine around each run."""
+    out = ["Other work: the share of both cores used by processes other than the server under test "
+           "and the client, in the 5 s before each run (server idle) / during the run "
+           "(`-`: not measured).", "",
+           "| server | start-up to healthy /health (s) | " + " | ".join(runs) + " |",
+           "|---|---|" + "---|" * len(runs)]
+    for n in [n for n in TITLES if n in results["servers"]]:
+        s, cells = results["servers"][n], []
+        for k in runs:
+            r = s["runs"].get(k)
+            during = r.get("cpu_other_during") if r else None
+            cells.append("n/a" if not r else f"{r['cpu_busy_before']:.0%} / "
+                         f"{'-' if during is None else f'{during:.0%}'}")
+        startup = "n/a" if s["startup_s"] is None else f"{s['startup_s']:.0f}"
+        out.append(f"| {TITLES[n]} | {startup} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def command_lines(results: dict, runs: list[str]) -> list[str]:
+    out = ["```"]
+    for n in [n for n in TITLES if n in results["servers"]]:
+        server = results["servers"][n]
+        out += [f"# {TITLES[n]}", server["argv"]]
+        out += [server["commands"][k] for k in runs if k in server["commands"]]
+    return out + ["```", ""]
+
+
+def render_section(results: dict, plot_path: Path) -> str:
+    servers = results["servers"]
+    names = [n for n in TITLES if n in servers]
+    runs = [r for r in RUN_ORDER[:-1] if any(r in s["runs"] for s in servers.values())]
+    measured = [s["runs"] for s in servers.values() if set(s["runs"]) & set(RUN_ORDER)]
+    w = (measured[0].get("c1") or next(v for k, v in measured[0].items() if k in RUN_ORDER))["workload"]
+    out = [SECTION, "", *setup_lines(results),
+           f"Workload (`splitserve bench`): {w['images_per_request']} image per request, each a "
            f"new crop of a real photo (JPEG, longer side <= {w['image_max_side']} px, "
            f"~{w['mean_image_bytes'] / 1024:.0f} KiB), a {w['prompt_words']}-word prompt, exactly "
-           f"{w['output_tokens']} output tokens (greedy), streamed; one warm-up request before each run. "
-           "Each server runs alone: the previous one is stopped before the next starts. The machine is "
-           "shared with other work; before each run the script waits (up to a bound) for the CPU to "
-           "go quiet, and records how busy it was (below). The client and every server ran at "
-           f"niceness {results['nice']}, process and session autogroup (so other sessions' work "
-           "takes less of the CPU from them); splitserve's Ray workers at the same "
-           "(`RAY_worker_niceness=0`; Ray's default would put them at +15 against the peers' 0).", "",
+           f"{w['output_tokens']} output tokens (greedy), streamed; one warm-up request before each run.", "",
            f"![output tok/s and TTFT per concurrency]({plot_path.as_posix()})", "",
            "### Throughput and latency", "",
            "Ratio: splitserve / the best peer mode (for latencies the lowest; below 1 is better there).", "",
@@ -92,7 +133,7 @@ def render_section(results: dict, plot_path: Path) -> str:
         if run["workload"]["output_tokens"] != w["output_tokens"]:
             level += f", {run['workload']['output_tokens']} output tokens"
         for label, key, stat, higher in ROWS:
-            cells = [_fmt(metric(servers[n]["runs"].get(run_name), key, stat)) for n in names]
+            cells = [fmt(metric(servers[n]["runs"].get(run_name), key, stat)) for n in names]
             ratio = ratio_to_best_peer(results, run_name, key, stat, higher)
             out.append(f"| {level} | {label} | " + " | ".join(cells) +
                        f" | {'n/a' if ratio is None else f'{ratio:.2f}x'} |")
@@ -109,54 +150,38 @@ def render_section(results: dict, plot_path: Path) -> str:
         new, repeated, ratio = _cache_ratio(run)
         count = (metric(run, "ttft_ms_repeated_images", "count") or 0) if run else 0
         requests = run["workload"]["num_requests"] if run else "n/a"
-        out.append(f"| {TITLES[n]} | {requests} ({count}) | {_fmt(new)} | {_fmt(repeated)} | "
+        out.append(f"| {TITLES[n]} | {requests} ({count}) | {fmt(new)} | {fmt(repeated)} | "
                    f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
 
     throughput = ratio_to_best_peer(results, "c16", "output_throughput", None, True)
     long = ratio_to_best_peer(results, "c16-long", "output_throughput", None, True)
     cache = _cache_ratio(servers.get("splitserve", {}).get("runs", {}).get("cache"))[2]
     out += ["", "### Targets", "",
-            _target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
+            target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
                     throughput, lambda r: r >= 2.0, "x"),
-            _target("the same with longer answers (the `c16-long` rows; not the target's workload)",
+            target("the same with longer answers (the `c16-long` rows; not the target's workload)",
                     long, lambda r: r >= 2.0, "x"),
-            _target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
+            target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
                     lambda r: r <= 0.5, ""),
             "", "### Start-up and other work on the machine", "",
-            "Other work: the share of both cores used by processes other than the server under test "
-            "and the client, in the 5 s before each run (server idle) / during the run "
-            "(`-`: not measured; the first runs predate that measurement).", "",
-            "| server | start-up to healthy /health (s) | " + " | ".join(RUN_ORDER) + " |",
-            "|---|---|" + "---|" * len(RUN_ORDER)]
-    for n in names:
-        s = servers[n]
-        cells = []
-        for k in RUN_ORDER:
-            r = s["runs"].get(k)
-            during = r.get("cpu_other_during") if r else None
-            cells.append("n/a" if not r else f"{r['cpu_busy_before']:.0%} / "
-                         f"{'-' if during is None else f'{during:.0%}'}")
-        out.append(f"| {TITLES[n]} | {s['startup_s']:.0f} | " + " | ".join(cells) + " |")
-    out += ["", "### Command lines", "", "```"]
-    for n in names:
-        out.append(f"# {TITLES[n]}")
-        out.append(servers[n]["argv"])
-        out += list(servers[n]["commands"].values())
-    out += ["```", ""]
+            *load_lines(results, list(RUN_ORDER)), "### Command lines", "",
+            *command_lines(results, list(RUN_ORDER))]
     return "\n".join(out)
 
 
-def _target(name: str, value: float | None, met, unit: str) -> str:
+def target(name: str, value: float | None, met, unit: str) -> str:
     if value is None:
         return f"- {name}: not measured."
     return f"- {name}: **{value:.2f}{unit}, {'met' if met(value) else 'missed'}**."
 
 
 def update_doc(path: Path, section: str) -> None:
-    """Replaces SECTION (up to the next `## ` heading) in `path`, keeping its `### Analysis`
-    subsection; appends the section when absent; leaves every other section alone."""
+    """Replaces the section headed by `section`'s first line (up to the next `## ` heading) in
+    `path`, keeping its `### Analysis` subsection; appends the section when absent; leaves every
+    other section alone."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    heading = section.split("\n", 1)[0]
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     found = pattern.search(text)
     if found:
         old = found.group(0)

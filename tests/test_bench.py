@@ -73,6 +73,46 @@ def test_seen_image_pairs_share_image_bytes_and_differ_in_text():
     assert len({first.image_urls for first, _ in pairs}) == 4  # each pair a new image
 
 
+def test_compare_peers_runs_issue13_as_one_set_and_writes_its_section(tmp_path):
+    from benchmarks import compare_peers, issue13_doc, peers_doc
+
+    assert compare_peers.selected_workloads("issue13") == ["image-pool", "new-images-itl", "seen-image-ttft"]
+    assert compare_peers.selected_workloads("seen-image-ttft,c1") == ["c1", "seen-image-ttft"]
+    args = compare_peers.argparse.Namespace(prompt_words=8, output_tokens=32, cache_requests=16,
+                                            long_output_tokens=128, smoke=False)
+    concurrency, pool = compare_peers.workloads(args)["image-pool"]
+    assert (concurrency, pool.image_pool_size, pool.num_requests, pool.output_tokens) == (16, 8, 64, 32)
+
+    def stats(median):
+        return {"mean": median, "median": median, "p99": 3 * median, "std": 0.0, "count": 8}
+
+    def report(name, ttft_ms):
+        concurrency, spec = compare_peers.workloads(args)[name]
+        return {"config": {"max_concurrency": concurrency}, "errors": 0, "output_throughput": 1000 / ttft_ms,
+                "workload": build_workload(replace(spec, num_requests=2)).summary(), "itl_ms": stats(40),
+                "ttft_ms": stats(ttft_ms), "ttft_ms_new_images": stats(ttft_ms),
+                "ttft_ms_repeated_images": stats(ttft_ms / 5), "cpu_busy_before": 0.0, "cpu_other_during": 0.0,
+                "prefix_cache": {"queried_tokens": 100.0, "hit_tokens": 48.0, "hit_rate": 0.48}}
+
+    servers = {name: {"argv": name, "startup_s": 1.0, "commands": {},
+                      "runs": {run: report(run, ttft_ms) for run in compare_peers.GROUPS["issue13"]}}
+               for name, ttft_ms in (("transformers", 500.0), ("vllm", 250.0), ("splitserve", 100.0))}
+    results = {"machine": {"cpu": "cpu", "cores": 2, "memory_gb": 1.0, "os": "os", "python": "3",
+                           "commit": "abc", "versions": {}},
+               "size": "tiny", "checkpoint": "ckpt", "script": "compare_peers.py", "started_at": "now",
+               "nice": 0, "servers": servers}
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    for _ in range(2):  # the second write replaces the first
+        peers_doc.update_doc(doc, issue13_doc.render_section(results))
+    text = doc.read_text()
+    assert text.count(issue13_doc.SECTION) == 1 and "## Other\n\nkept" in text
+    assert "| splitserve / vLLM (CPU backend) | 2.50x | 0.40x |" in text  # tok/s, TTFT p50
+    assert "48% (48 / 100)" in text
+    assert "ITL p99 <= 4x its ITL median: **3.00x, met**" in text
+    assert "<= 0.3x first sight: **0.20x, met**" in text
+
+
 def test_summary_follows_vllm_definitions():
     a = RequestResult(0, 1, False, sent=True, start_s=0.0, ttft_s=0.5, latency_s=1.5,
                       chunk_times_s=[0.5, 1.0, 1.5], output_tokens=3, usage_reported=True)
