@@ -25,10 +25,11 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 from benchmarks.common import copy_bandwidth_gbps, machine  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
-from decoder_service.inputs import build_decode, build_prefill  # noqa: E402
+from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
 from decoder_service.scheduler import Chunk  # noqa: E402
 from decoder_service.sequence import Sequence, image_spans  # noqa: E402
+from runtime.buckets import pad_to_bucket  # noqa: E402
 from runtime.messages import SamplingParams  # noqa: E402
 from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
 from runtime.checkpoint import open_checkpoint  # noqa: E402
@@ -90,9 +91,11 @@ def main() -> None:
             seq.block_table = list(range(next_block, next_block + -(-context // bs)))
             next_block += len(seq.block_table)
             seqs.append(seq)
-        inputs = build_decode(seqs, shapes, vocab_size=runner.vocab_size)
+        graph = tuple(pad_to_bucket(n, b) for n, b in zip(
+            decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.block_buckets)))
+        inputs = build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
         host_t0 = time.perf_counter()
-        build_decode(seqs, shapes, vocab_size=runner.vocab_size)
+        build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
         build_s = time.perf_counter() - host_t0
         first, wall, execute = timed(lambda: runner.decode(inputs), device, args.repeats)
         results["decode"].append({
@@ -110,7 +113,10 @@ def main() -> None:
                        images=image_spans(ids, image_token_id, [per_image] * images,
                                           ["bench"] * images))
         seq.block_table = list(range(1, 1 + -(-tokens // bs)))
-        inputs = build_prefill([Chunk(seq, 0, tokens)], shapes, hidden_size=runner.hidden_size,
+        chunk = Chunk(seq, 0, tokens)
+        graph = tuple(pad_to_bucket(n, b) for n, b in zip(
+            prefill_need([chunk], shapes), (shapes.chunk_buckets, shapes.block_buckets)))
+        inputs = build_prefill([chunk], shapes, graph=graph, hidden_size=runner.hidden_size,
                                vocab_size=runner.vocab_size)
         first, wall, execute = timed(lambda: runner.prefill(inputs), device, max(3, args.repeats // 3))
         results["prefill"].append({"tokens": tokens, "images": images, "compile_s": first - wall,

@@ -32,6 +32,8 @@ class DecoderConfig:
     min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
     min_attention_len: int = 32  # smallest attended-context bucket, in tokens
     enable_prefix_caching: bool = True
+    full_warmup: bool = False  # compile every graph before serving (else: the covering two)
+    background_compile_share: float = 0.1  # under load, at most this share of time compiling
     strict_compile: bool = False
 
     def __post_init__(self) -> None:
@@ -47,6 +49,9 @@ class DecoderConfig:
         if self.min_chunk_tokens > self.max_num_batched_tokens:
             raise ValueError(f"min_chunk_tokens ({self.min_chunk_tokens}) must be <= "
                              f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+        if not 0.0 <= self.background_compile_share <= 1.0:
+            raise ValueError(f"background_compile_share must be in [0, 1], got "
+                             f"{self.background_compile_share}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 

@@ -8,6 +8,11 @@ a command on a queue and wake the engine thread, which applies it between steps,
 so a new request joins, and an aborted one frees its blocks, at the next step.
 Each sequence's chunks go to its `sink` callback, called on the engine thread.
 
+Graphs not compiled at start-up compile on the engine thread, between steps: whenever
+the engine is idle, and under load only while compiling has taken at most
+`background_compile_share` of the time since the replica became ready (each compile
+stalls running sequences for its duration, so the share bounds the stalls).
+
 Faults stay with their requests: a graph that raises fails the sequences it held,
 a post-processing or sink that raises fails its own sequence; the engine goes on
 serving the rest and counts each in `stats()["step_errors"]`.
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decoder_service.detokenizer import IncrementalDetokenizer
-from decoder_service.inputs import build_decode, build_prefill
+from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need
 from decoder_service.sampler import SampledRow, unpack
 from decoder_service.scheduler import Chunk, Scheduler
 from decoder_service.sequence import Sequence
@@ -48,8 +53,12 @@ class Request:
 
 
 class Engine:
-    def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int) -> None:
+    def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int, *,
+                 background_compile_share: float = 0.1) -> None:
         self.runner = runner
+        self.background_compile_share = background_compile_share
+        self._ready_at = time.monotonic()
+        self._compile_s_under_load = 0.0
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
@@ -97,6 +106,8 @@ class Engine:
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
                 "mixed_steps": self.steps["mixed"],
+                "graphs_compiled": self.runner.graphs_compiled,
+                "graphs_planned": self.runner.graphs_planned,
                 "compilations_after_warmup": self.runner.guard.compilations_after_warmup}
 
     # --- engine thread ----------------------------------------------------------------
@@ -104,14 +115,27 @@ class Engine:
         while not self._stopping:
             try:
                 busy = self.step()
+                compiled = self._compile_in_background(busy)
             except Exception:  # a bug outside any one request: keep the thread, fail nobody
                 self.step_errors += 1
                 log.exception("decoder: engine step failed")
-                busy = False
+                busy = compiled = False
                 time.sleep(0.1)
-            if not busy:
+            if not busy and not compiled:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+
+    def _compile_in_background(self, busy: bool) -> bool:
+        """One more graph, if any is left and the policy allows it now."""
+        if busy:
+            allowed = self.background_compile_share * (time.monotonic() - self._ready_at)
+            if self._compile_s_under_load >= allowed:
+                return False
+        t0 = time.monotonic()
+        compiled = self.runner.compile_next()
+        if busy:
+            self._compile_s_under_load += time.monotonic() - t0
+        return compiled
 
     def _drain_inbox(self) -> None:
         while True:
@@ -140,21 +164,32 @@ class Engine:
         if step is None:
             return False
         if step.decodes:
-            self._run("decode", step.decodes, lambda: unpack(self.runner.decode(build_decode(
-                step.decodes, self.runner.shapes, vocab_size=self.runner.vocab_size)),
-                len(step.decodes)), [s.num_tokens for s in step.decodes])
+            self._run_decodes(step.decodes)
         if step.chunks:
             self._run_chunks(step.chunks)
         self.steps["mixed"] += bool(step.decodes and step.chunks)
         return True
 
+    def _run_decodes(self, seqs: list[Sequence]) -> None:
+        r = self.runner
+
+        def compute() -> list[SampledRow]:
+            graph = r.graph_for("decode", decode_need(seqs, r.shapes))
+            inputs = build_decode(seqs, r.shapes, graph=graph, vocab_size=r.vocab_size)
+            return unpack(r.decode(inputs), len(seqs))
+        self._run("decode", seqs, compute, [s.num_tokens for s in seqs])
+
     def _run_chunks(self, chunks: list[Chunk]) -> None:
         r = self.runner
-        seqs = [c.seq for c in chunks]
         self.prompt_tokens += sum(c.num_tokens for c in chunks)
-        self._run("prefill", seqs, lambda: unpack(r.prefill(build_prefill(
-            chunks, r.shapes, hidden_size=r.hidden_size, vocab_size=r.vocab_size)), len(chunks)),
-            [c.end for c in chunks], sampled=[c.completes for c in chunks])
+
+        def compute() -> list[SampledRow]:
+            graph = r.graph_for("prefill", prefill_need(chunks, r.shapes))
+            inputs = build_prefill(chunks, r.shapes, graph=graph, hidden_size=r.hidden_size,
+                                   vocab_size=r.vocab_size)
+            return unpack(r.prefill(inputs), len(chunks))
+        self._run("prefill", [c.seq for c in chunks], compute, [c.end for c in chunks],
+                  sampled=[c.completes for c in chunks])
 
     def _run(self, kind: str, seqs: list[Sequence], compute: Callable[[], list[SampledRow]],
              computed: list[int], sampled: list[bool] | None = None) -> None:

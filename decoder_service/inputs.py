@@ -22,7 +22,6 @@ from decoder_service.config import DecoderShapes
 from decoder_service.sampler import SamplingRows
 from decoder_service.scheduler import Chunk
 from decoder_service.sequence import Sequence
-from runtime.buckets import pad_to_bucket
 
 NO_SEQ_QUERY, NO_SEQ_KEY = -1, -2  # padded queries and keys: they never match each other
 
@@ -88,11 +87,23 @@ def _set_sampling(rows: SamplingRows, i: int, seq: Sequence, vocab_size: int) ->
                  seed=seq.seed, step=len(seq.output_ids))
 
 
-def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, vocab_size: int) -> DecodeInputs:
+def decode_need(seqs: list[Sequence], shapes: DecoderShapes) -> tuple[int, int]:
+    """(sequences, KV blocks of the longest context): the least graph a decode step fits."""
+    return len(seqs), -(-max(s.num_tokens for s in seqs) // shapes.block_size)
+
+
+def prefill_need(chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
+    """(chunk tokens, context blocks): the least graph a prefill step fits."""
+    return (sum(c.num_tokens for c in chunks),
+            sum(-(-c.end // shapes.block_size) for c in chunks))
+
+
+def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, graph: tuple[int, int],
+                 vocab_size: int) -> DecodeInputs:
+    """`graph`: (batch, blocks), at least `decode_need` (the runner picks a compiled one)."""
     bs = shapes.block_size
-    batch = pad_to_bucket(len(seqs), shapes.decode_batch_buckets)
+    batch, blocks = graph
     context = [s.num_tokens for s in seqs]  # the fed token included
-    blocks = pad_to_bucket(-(-max(context) // bs), shapes.block_buckets)
     inputs = DecodeInputs.padding(batch, blocks, vocab_size)
     for i, s in enumerate(seqs):
         position = s.num_tokens - 1
@@ -107,15 +118,14 @@ def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, vocab_size: int
     return inputs
 
 
-def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, hidden_size: int,
-                  vocab_size: int) -> PrefillInputs:
+def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, graph: tuple[int, int],
+                  hidden_size: int, vocab_size: int) -> PrefillInputs:
+    """`graph`: (tokens, blocks), at least `prefill_need` (the runner picks a compiled one)."""
     if not 0 < len(chunks) <= shapes.max_prefill_seqs:
         raise ValueError(f"a prefill step holds 1..{shapes.max_prefill_seqs} chunks, got {len(chunks)}")
     bs = shapes.block_size
-    total = sum(c.num_tokens for c in chunks)
     used_blocks = [-(-c.end // bs) for c in chunks]
-    tokens = pad_to_bucket(total, shapes.chunk_buckets)
-    blocks = pad_to_bucket(sum(used_blocks), shapes.block_buckets)
+    tokens, blocks = graph
     x = PrefillInputs.padding(tokens, blocks, shapes, hidden_size, vocab_size)
     offset = block_offset = 0
     for j, (chunk, used) in enumerate(zip(chunks, used_blocks)):

@@ -5,9 +5,13 @@ Compile discipline (after vLLM's TPU model runner):
   moved to the device once per graph call; outputs come back as one packed tensor;
 - a graph is embed (+ image merge), layers, sampling. Inside it there is no `.item()`,
   no `.cpu()`, no boolean-mask indexing, no data-dependent shape;
-- `warm_up` runs every (chunk tokens, context blocks) prefill graph and every (batch,
-  blocks) decode graph once, from `DecoderShapes`, the lists the runtime pads to;
-- after warm-up the compile guard checks every call; a new graph is a bug.
+- the graphs are the (chunk tokens, context blocks) prefill family and the (batch, blocks)
+  decode family of `DecoderShapes`. `warm_up` compiles the covering graph of each family
+  (the largest, which every step fits by padding up), so the replica can serve; with
+  `full=True` it compiles every graph before returning. `compile_next` compiles one more
+  outside any step (the engine calls it between steps); each step runs on the cheapest
+  compiled graph that fits it (`graph_for`), and on exactly its buckets once all are in;
+- after warm-up the compile guard checks every step: a graph made inside one is a bug.
 The runner makes no policy decisions: the scheduler chooses what runs.
 Not thread-safe: one engine thread calls it.
 """
@@ -28,6 +32,7 @@ from decoder_service.sampler import index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
+from runtime.graphs import GraphPlan
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +61,27 @@ class ModelRunner:
                                                    kv_geometry(text, self.dtype))
         self.vocab_size = int(text.vocab_size)
         self.hidden_size = int(text.hidden_size)
-        self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
-        cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len, self.model.rope_theta)
-        self.cos, self.sin = cos.to(device.torch_device), sin.to(device.torch_device)
-        # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
-        positions = self.shapes.max_blocks_per_seq * self.shapes.block_size
-        self.key_positions = torch.arange(positions).to(device.torch_device)
-        self.sampler_indices = index_tensors(self.vocab_size, device.torch_device)
-        self.cache = PagedKVCache(num_layers=len(self.model.layers), num_blocks=self.shapes.num_blocks,
-                                  block_size=self.shapes.block_size,
-                                  num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim,
-                                  dtype=self.dtype, device=device.torch_device)
-        # Materialise weights, tables and cache as device data now: left pending, they would
-        # fold into the first warm-up graph, which then differs from the same step at run time.
-        device.sync()
         self.guard = CompileGuard(device, strict=config.strict_compile, name="decoder")
-        self.warmup_seconds = 0.0
+        with self.guard.compiling():  # device set-up syncs: never beside another thread's step
+            self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
+            cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len,
+                                    self.model.rope_theta)
+            self.cos, self.sin = cos.to(device.torch_device), sin.to(device.torch_device)
+            # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
+            positions = self.shapes.max_blocks_per_seq * self.shapes.block_size
+            self.key_positions = torch.arange(positions).to(device.torch_device)
+            self.sampler_indices = index_tensors(self.vocab_size, device.torch_device)
+            self.cache = PagedKVCache(
+                num_layers=len(self.model.layers), num_blocks=self.shapes.num_blocks,
+                block_size=self.shapes.block_size, num_kv_heads=self.model.num_kv_heads,
+                head_dim=self.model.head_dim, dtype=self.dtype, device=device.torch_device)
+            # Materialise weights, tables and cache as device data now: left pending, they would
+            # fold into the first warm-up graph, which then differs from the same step later.
+            device.sync()
+        self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
+                      "decode": GraphPlan(self.shapes.decode_graphs())}
+        self.compile_seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
+        self.warmup_seconds = 0.0  # until ready: the covering graphs (or all, with full=True)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device.torch_device)
@@ -109,24 +119,58 @@ class ModelRunner:
             self.device.sync()
             return out.cpu().numpy()
 
-    def warm_up(self) -> None:
-        """Compiles every graph the runtime can ask for, logging one line per graph."""
-        shapes = self.shapes
-        self.guard.start_warmup()
+    def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
+        return self.plans[kind].fit(need)
+
+    @property
+    def graphs_compiled(self) -> int:
+        return sum(len(p.compiled) for p in self.plans.values())
+
+    @property
+    def graphs_planned(self) -> int:
+        return sum(len(p.planned) for p in self.plans.values())
+
+    def _compile(self, kind: str, graph: tuple[int, int]) -> None:
+        """Runs `graph` once on padding (its writes land in the null block), outside any step."""
+        t0 = time.perf_counter()
+        if kind == "prefill":
+            inputs = PrefillInputs.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
+            trace = self._prefill
+        else:
+            inputs = DecodeInputs.padding(*graph, self.vocab_size)
+            trace = self._decode
+        with self.guard.compiling():
+            out = trace(inputs)  # kept and read back, as a step does: else the graph differs
+            self.device.sync()
+            out.cpu()
+        self.plans[kind].mark_compiled(graph)
+        seconds = time.perf_counter() - t0
+        self.compile_seconds[kind] += seconds
+        log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph, seconds,
+                 self.graphs_compiled, self.graphs_planned)
+
+    def compile_next(self) -> bool:
+        """Compiles one graph not compiled yet, smallest first; False when none is left."""
+        for kind in ("decode", "prefill"):  # decode first: every running sequence uses it
+            graph = self.plans[kind].next_pending()
+            if graph is not None:
+                self._compile(kind, graph)
+                return True
+        return False
+
+    def warm_up(self, full: bool = False) -> None:
+        """Compiles the covering graph of each family (every step fits them), then marks the
+        guard warm; with `full`, every other graph too before returning."""
         started = time.perf_counter()
-        prefill, decode = shapes.prefill_graphs(), shapes.decode_graphs()
-        log.info("decoder: compiling %d prefill graphs and %d decode graphs", len(prefill), len(decode))
-        for tokens, blocks in prefill:
-            t0 = time.perf_counter()
-            self.prefill(PrefillInputs.padding(tokens, blocks, shapes, self.hidden_size, self.vocab_size))
-            log.info("decoder:   -- prefill tokens=%d context_blocks=%d: %.2f s", tokens, blocks,
-                     time.perf_counter() - t0)
-        for batch, blocks in decode:
-            t0 = time.perf_counter()
-            self.decode(DecodeInputs.padding(batch, blocks, self.vocab_size))
-            log.info("decoder:   -- decode batch=%d blocks=%d: %.2f s", batch, blocks,
-                     time.perf_counter() - t0)
+        self.guard.start_warmup()
+        log.info("decoder: %d prefill and %d decode graphs planned; compiling %s first",
+                 len(self.plans["prefill"].planned), len(self.plans["decode"].planned),
+                 "all" if full else "the covering two")
+        for kind, plan in self.plans.items():
+            self._compile(kind, plan.covering)
         self.guard.mark_warm()
+        while full and self.compile_next():
+            pass
         self.warmup_seconds = time.perf_counter() - started
-        log.info("decoder: warm-up finished in %.2f s (%d compilations)", self.warmup_seconds,
-                 self.guard.warmup_compilations)
+        log.info("decoder: ready after %.2f s of warm-up (%d of %d graphs compiled)",
+                 self.warmup_seconds, self.graphs_compiled, self.graphs_planned)

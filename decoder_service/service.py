@@ -55,11 +55,12 @@ class DecoderService:
         eos = checkpoint.config.text_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-        self.runner.warm_up()
+        self.runner.warm_up(full=config.full_warmup)
         blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
                               config.enable_prefix_caching)
         self.engine = Engine(self.runner, Scheduler(self.shapes, blocks, config.max_num_batched_tokens),
-                             self.tokenizer, self.eos_token_id)
+                             self.tokenizer, self.eos_token_id,
+                             background_compile_share=config.background_compile_share)
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 

@@ -43,7 +43,8 @@ class EncoderRunner:
         self.device = device
         self.buckets = validate_buckets(buckets, "item-batch buckets")
         self.guard = guard
-        self.model = model.to(device.torch_device)
+        with guard.compiling():  # device work outside a step still excludes other threads' steps
+            self.model = model.to(device.torch_device)
         self.pixel_shape = (3, model.image_size, model.image_size)
         self.output_shape = (model.tokens_per_image, model.hidden_size)
         self.bucket_stats = {bucket: BucketStats() for bucket in self.buckets}
@@ -57,7 +58,8 @@ class EncoderRunner:
         start = time.perf_counter()
         for bucket in self.buckets:
             began = time.perf_counter()
-            out = self._step(np.zeros((bucket, *self.pixel_shape), np.float32))
+            with self.guard.compiling():
+                out = self._step(np.zeros((bucket, *self.pixel_shape), np.float32))
             if out.shape != (bucket, *self.output_shape):
                 raise ValueError(f"the vision encoder made {out.shape} for {bucket} images, "
                                  f"expected {(bucket, *self.output_shape)}")

@@ -16,11 +16,17 @@ graph the process compiled, or loaded from a persistent compilation cache
 (`XLA_PERSISTENT_CACHE_PATH`, which TPU hosts can use to start faster; the CPU
 PJRT client cannot load executables back). One guard sees every graph in its
 process. Eager devices never compile.
+
+Compiling after warm-up on purpose (the buckets a replica compiles in the background
+once it serves) happens inside `compiling()`, never inside a step. Steps and deliberate
+compilations of all guards in a process take one lock (`device_work`), so a step never
+counts another thread's graph (the colocated layout runs two services in one process).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -38,6 +44,13 @@ def xla_compilation_count() -> int:
     import torch_xla.runtime as xr
 
     return int(xr.get_num_cached_compilation_graph())
+
+
+# torch_xla's graph count is process-wide, and so is its lazy graph: a sync on one thread
+# can cut another thread's half-traced graph. Device work of every guard in the process
+# (steps, deliberate compilations, device set-up) therefore takes this lock, one at a time;
+# services sharing a process (the colocated layout) share the device anyway.
+_DEVICE_WORK = threading.RLock()
 
 
 class CompileGuard:
@@ -74,10 +87,20 @@ class CompileGuard:
     def step(self, what: str) -> Iterator[None]:
         """Wraps one device step (including its sync): graphs it adds after warm-up are
         recompilations. No-op before warm-up."""
-        before = self._count()
-        yield
+        with _DEVICE_WORK:
+            before = self._count()
+            yield
+            added = self._count() - before
         if self._baseline is not None:
-            self._report(self._count() - before, what)
+            self._report(added, what)
+
+    @staticmethod
+    @contextmanager
+    def compiling() -> Iterator[None]:
+        """Wraps device work that is not a step: set-up, and deliberate compilations (a bucket
+        compiled in the background after warm-up), which are not recompilations."""
+        with _DEVICE_WORK:
+            yield
 
     def check(self, what: str) -> None:
         """Graphs added since warm-up (or the last check), by anyone in this process."""

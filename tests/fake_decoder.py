@@ -17,6 +17,7 @@ import numpy as np
 from decoder_service.config import DecoderShapes
 from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, PrefillInputs
 from runtime.compile_guard import RecompilationError
+from runtime.graphs import GraphPlan
 from runtime.messages import MAX_TOP_LOGPROBS
 
 TOKEN_BASE, TOKEN_RANGE = 1000, 997  # outputs stay clear of special and image token ids
@@ -48,8 +49,20 @@ class FakeRunner:
         self.guard = _Guard()
         self.pool = np.full((shapes.num_blocks, shapes.block_size), -1, np.int64)
         self.graphs: list[tuple[str, tuple[int, int]]] = []
-        self._warm = {"decode": set(shapes.decode_graphs()), "prefill": set(shapes.prefill_graphs())}
+        self.plans = {"decode": GraphPlan(shapes.decode_graphs()),
+                      "prefill": GraphPlan(shapes.prefill_graphs())}
+        for plan in self.plans.values():  # all warm: steps run on exactly their buckets
+            for graph in plan.planned:
+                plan.mark_compiled(graph)
+        self._warm = {kind: set(plan.planned) for kind, plan in self.plans.items()}
         self.fail_next: str | None = None  # "decode" or "prefill": that call raises once
+        self.graphs_compiled = self.graphs_planned = sum(len(p.planned) for p in self.plans.values())
+
+    def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
+        return self.plans[kind].fit(need)
+
+    def compile_next(self) -> bool:
+        return False
 
     def _check(self, kind: str, graph: tuple[int, int]) -> None:
         self.graphs.append((kind, graph))

@@ -53,13 +53,14 @@ def test_randomized_workload_adds_no_compilations(decoder, request):
     logprobs and cancellations; on the crowded pool also waiting and preemption."""
     service, rng, pyrng = request.getfixturevalue(decoder), np.random.default_rng(7), random.Random(7)
     max_len = service.shapes.max_model_len
-    before = service.runner.guard.compilations()
     stats_before = service.stats()
     photo_pool = _features(service, 5, rng)
 
     async def one(i):
         num_images = pyrng.choice([0, 0, 0, 1, 2, 4])
-        max_tokens = pyrng.randint(1, 12)
+        # On the crowded pool, longer answers: sequences grow into new blocks while the pool is
+        # full, which is what forces preemption.
+        max_tokens = pyrng.randint(1, 12) if decoder == "decoder_service" else pyrng.randint(8, 48)
         room = max_len - max_tokens - num_images * (TOKENS_PER_IMAGE + 1) - 1
         prompt = _image_prompt(service, num_images, pyrng.randint(0, room), rng)
         refs = embedding_refs(service.store, service.model_id,
@@ -91,12 +92,13 @@ def test_randomized_workload_adds_no_compilations(decoder, request):
     results, stats = asyncio.run(run())
     assert len(results) == 300
     assert {r[0] for r in results} >= {"cancelled", "length"}
-    assert service.runner.guard.compilations() == before
+    # Graphs may compile in the background meanwhile, between steps; the strict guard fails
+    # any step that compiles, and counts it here.
     assert stats["compilations_after_warmup"] == 0
     assert stats["prefix_cache_hit_tokens"] > stats_before["prefix_cache_hit_tokens"]
     assert stats["mixed_steps"] > stats_before["mixed_steps"]
     if decoder == "crowded_decoder":
-        assert stats["preemptions"] > stats_before["preemptions"]
+        assert stats["preemptions"] > stats_before["preemptions"], stats
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(decoder_service):

@@ -142,3 +142,41 @@ def test_a_nearly_full_pool_waits_or_preempts_token_exact(crowded_decoder, refer
     print(f"crowded pool: {stats['preemptions']} preemptions, {compared} tokens compared")
     assert stats["preemptions"] > 0 and compared > 100 and ties <= 1
     assert stats["kv_blocks_used"] == 0 and crowded_decoder.runner.guard.compilations_after_warmup == 0
+
+
+def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpoint, reference_llava,
+                                                                       photos):
+    """Ready after the two covering graphs; exact while the rest compile (only when idle here),
+    and on exactly its buckets once they are all in. The strict guard fails any step that
+    compiles."""
+    import time
+
+    from decoder_service.config import DecoderConfig
+    from decoder_service.service import DecoderService
+    from runtime.object_store import LocalObjectStore
+
+    processor, model = reference_llava
+    # Shapes no other decoder of the suite has, so no graph is in the process's XLA cache yet.
+    service = DecoderService(DecoderConfig(
+        model=str(tiny_checkpoint), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+        background_compile_share=0.0, strict_compile=True), LocalObjectStore())
+    try:
+        runner = service.runner
+        assert runner.guard.warmup_compilations >= 2 and service.stats()["graphs_compiled"] == 2
+        specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]
+        cases = [_case(processor, model, photos, *spec) for spec in specs]
+        _compare(service, cases, specs, noise=1)
+        assert service.stats()["graphs_compiled"] < service.stats()["graphs_planned"]
+        deadline = time.monotonic() + 300
+        while not all(p.complete for p in runner.plans.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stats = service.stats()
+        shapes = service.shapes
+        assert stats["graphs_compiled"] == stats["graphs_planned"] == \
+            len(shapes.decode_graphs()) + len(shapes.prefill_graphs()) == 15
+        assert runner.graph_for("decode", (1, 1)) == (1, 2)  # the smallest bucket of each
+        assert runner.graph_for("prefill", (5, 1)) == (16, 2)
+        _compare(service, cases, specs, noise=1)
+        assert runner.guard.compilations_after_warmup == 0
+    finally:
+        service.shutdown()
