@@ -31,7 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     decoder = {k: v for k, v in (("max_model_len", args.max_model_len),
-                                 ("max_num_seqs", args.max_num_seqs)) if v is not None}
+                                 ("max_num_seqs", args.max_num_seqs),
+                                 ("kv_cache_bytes", args.kv_cache_bytes),
+                                 ("max_num_batched_tokens", args.max_num_batched_tokens))
+               if v is not None}
+    if args.no_prefix_caching:
+        decoder["enable_prefix_caching"] = False
+    if args.full_warmup:
+        decoder["full_warmup"] = True
     app_args = AppArgs(model=model, device=args.device, layout=args.layout, decoder=decoder,
                        encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
@@ -55,8 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        print("splitserve: deploying; the encoder and decoder compile every bucket first "
-              "(a minute or two on a CPU) ...", flush=True)
+        print("splitserve: deploying; the encoder compiles its buckets and the decoder its two "
+              "covering graphs first (the rest compile once it serves) ...", flush=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         deploying = Deploying(lambda: serve.run(app, name=APP_NAME, route_prefix="/"))
         outcome = wait_until_ready(
@@ -120,6 +127,21 @@ def _bench_config(args: argparse.Namespace):
         request_timeout_s=args.request_timeout_s, label=args.label)
 
 
+def _bytes(text: str) -> int:
+    """'268435456', '256MiB', '16GiB', '1.5GB' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, scale in units.items():
+        if lowered.endswith(suffix):
+            try:
+                return int(float(lowered.removesuffix(suffix)) * scale)
+            except ValueError:
+                break
+    if lowered.isdigit():
+        return int(lowered)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 268435456, 256MiB, 16GiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitserve",
@@ -150,7 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--encoder-replicas", type=int)
     serve.add_argument("--decoder-replicas", type=int)
     serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-num-seqs", type=int, help="most sequences decoded together")
+    serve.add_argument("--kv-cache-bytes", type=_bytes,
+                       help="the decoder's paged KV pool, all layers (e.g. 512MiB, 16GiB; "
+                       "default 256MiB)")
+    serve.add_argument("--max-num-batched-tokens", type=int,
+                       help="tokens per engine step: decodes plus prefill chunks (default 256)")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="never reuse KV blocks across requests")
+    serve.add_argument("--full-warmup", action="store_true",
+                       help="compile every decoder graph before serving (slower start)")
     serve.add_argument("--address", help="join this Ray cluster ('auto' for the local one) "
                        "instead of starting a local Ray")
     serve.add_argument("--startup-timeout-s", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,

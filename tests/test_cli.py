@@ -1,0 +1,25 @@
+"""The `splitserve` command line: flags reach the app's arguments, sizes parse, bad ones say why."""
+
+import argparse
+
+import pytest
+
+from deploy.cli import _bytes, build_parser
+
+
+def test_sizes_parse_with_binary_and_decimal_units():
+    assert _bytes("268435456") == 2**28
+    assert _bytes("256MiB") == 2**28 and _bytes("16GiB") == 16 * 2**30
+    assert _bytes("1.5GB") == 1_500_000_000 and _bytes(" 64 kib ") == 64 * 1024
+    for bad in ("lots", "12 parsecs", "-5", "MiB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a size in bytes"):
+            _bytes(bad)
+
+
+def test_decoder_flags_parse():
+    args = build_parser().parse_args(["serve", "--kv-cache-bytes", "64MiB", "--max-num-batched-tokens",
+                                      "512", "--no-prefix-caching", "--full-warmup"])
+    assert args.kv_cache_bytes == 64 * 2**20 and args.max_num_batched_tokens == 512
+    assert args.no_prefix_caching and args.full_warmup
+    defaults = build_parser().parse_args(["serve"])
+    assert defaults.kv_cache_bytes is None and not defaults.no_prefix_caching
