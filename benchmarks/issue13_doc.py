@@ -76,14 +76,23 @@ def _describe(name: str, run: dict) -> str:
             "streamed; one warm-up request with an image of its own before the run.")
 
 
+def _heading(name: str, run: dict | None) -> str:
+    if name == "image-pool":
+        pool = f"{run['workload']['image_pool_size']} images" if run else "a pool of images"
+        return f"### Image pool: {pool}, varied questions"
+    if name == "new-images-itl":
+        return "### Every image new: inter-token latency"
+    return "### A seen image with a new question: TTFT"
+
+
 def _table(results: dict, name: str) -> list[str]:
     servers = results["servers"]
     names = [n for n in TITLES if name in servers.get(n, {}).get("runs", {})]
     if not names:
-        return ["Not measured.", ""]
+        return [_heading(name, None), "", "Not measured.", ""]
     runs = {n: servers[n]["runs"][name] for n in names}
     columns = COLUMNS[name]
-    out = [_describe(name, runs[names[0]]), "",
+    out = [_heading(name, runs[names[0]]), "", _describe(name, runs[names[0]]), "",
            "| server | " + " | ".join(c.label for c in columns) + " | prefix-cache hits (tokens) | errors |",
            "|---|" + "---|" * (len(columns) + 2)]
     for n in names:
@@ -126,9 +135,8 @@ def render_section(results: dict) -> str:
            "(`n/a`: the server exports none). The issue's fourth figure, decode tokens/s at batch 16, "
            "is `benchmarks/decoder_bench.py`'s (Decoder, above).", "",
            *setup_lines(results),
-           "### Image pool: 8 images, varied questions", "", *_table(results, "image-pool"),
-           "### Every image new: inter-token latency", "", *_table(results, "new-images-itl"),
-           "### A seen image with a new question: TTFT", "", *_table(results, "seen-image-ttft"),
+           *_table(results, "image-pool"), *_table(results, "new-images-itl"),
+           *_table(results, "seen-image-ttft"),
            "### Targets", "",
            target("image pool: splitserve output tok/s >= 4x transformers serve",
                    _over(results, "image-pool", throughput, "transformers"), lambda r: r >= 4.0, "x"),

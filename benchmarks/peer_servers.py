@@ -143,6 +143,15 @@ def start(server: Server, log_path: Path, nice: int) -> tuple[subprocess.Popen, 
     raise TimeoutError(f"{server.name} was not healthy within {server.startup_timeout_s} s")
 
 
+def healthy(server: Server, process: subprocess.Popen) -> bool:
+    import httpx
+
+    try:
+        return process.poll() is None and httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def stop(process: subprocess.Popen, signum: int) -> None:
     """The server's own shutdown first (splitserve drains and stops Ray on SIGINT), then its
     process group, which only this script started."""

@@ -63,7 +63,8 @@ def setup_lines(results: dict) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     out = [f"Measured {results['started_at']} (commit `{m['commit']}`), by:", "", "```",
            *results["script"].split("; then "), "```", "",
-           "Raw reports (JSON and PNG per run, server logs): `bench-results/peers/` (not committed).", "",
+           f"Raw reports (JSON and PNG per run, server logs): `{results.get('out_dir', 'bench-results/peers')}/` "
+           "(not committed).", "",
            f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, {m['os']}; "
            f"Python {m['python']}; {versions}. No accelerator: splitserve runs XLA on the CPU "
            "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`), vLLM its CPU "
@@ -78,7 +79,7 @@ def setup_lines(results: dict) -> list[str]:
            f"at niceness {results['nice']}, process and session autogroup (so other sessions' work "
            "takes less of the CPU from them); splitserve's Ray workers at the same "
            "(`RAY_worker_niceness=0`; Ray's default would put them at +15 against the peers' 0)."]
-    out += [f"- **{TITLES[n]} did not start**: {s['error']}" for n, s in servers.items() if s.get("error")]
+    out += [f"- **{TITLES[n]} failed**: {s['error']}" for n, s in servers.items() if s.get("error")]
     return out + [""]
 
 
