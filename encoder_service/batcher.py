@@ -7,6 +7,8 @@ Threads and queues:
   a first item, then keeps gathering until `max_items` are in hand or `wait_s` has passed
   since that first item, and runs them as one batch. Items that do not fit stay queued for
   the next batch, so a burst larger than `max_items` becomes several full batches.
+- With nothing queued, the worker calls `on_idle()` (if given) until it returns False, then
+  waits; the encoder compiles its remaining buckets there, between batches.
 - `close()` stops the worker after its current batch; items still queued fail.
 
 `run_batch(items) -> results` gets at most `max_items` items and returns one result per item,
@@ -34,12 +36,14 @@ class BatcherClosed(RuntimeError):
 
 class Batcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], *, max_items: int,
-                 wait_s: float, name: str = "encoder") -> None:
+                 wait_s: float, name: str = "encoder",
+                 on_idle: Callable[[], bool] | None = None) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if wait_s < 0:
             raise ValueError(f"wait_s must be >= 0, got {wait_s}")
         self._run_batch = run_batch
+        self._on_idle = on_idle
         self.max_items = max_items
         self.wait_s = wait_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -90,7 +94,12 @@ class Batcher:
     def _work(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                if self._idle():
+                    continue
+                first = self._queue.get()
             if first is _STOP:
                 break
             batch, stopping = self._gather(first)
@@ -99,6 +108,17 @@ class Batcher:
             if batch:
                 self._run(batch)
         self._fail_queued()
+
+    def _idle(self) -> bool:
+        """Runs the idle hook once; True if it did something (so look at the queue again)."""
+        if self._on_idle is None:
+            return False
+        try:
+            return bool(self._on_idle())
+        except Exception:  # noqa: BLE001: idle work failing must not stop the batches
+            log.exception("%s: idle work failed; not trying it again", self._thread.name)
+            self._on_idle = None
+            return False
 
     def _run(self, batch: list[tuple]) -> None:
         try:

@@ -21,6 +21,8 @@ class EncoderConfig:
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
     max_image_pixels: int = 40_000_000  # width * height limit, checked before decoding
     preprocess_threads: int = 2  # threads that decode and preprocess images
+    full_warmup: bool = False  # compile every bucket before serving (else the largest, then the
+    # rest when idle)
     strict_compile: bool = False  # raise on a compilation after warm-up (tests) instead of logging
     buckets: tuple[int, ...] = field(init=False)
 

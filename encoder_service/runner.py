@@ -5,11 +5,15 @@ Compile discipline (after vLLM's TPU model runner):
   padded rows; each image attends only to itself, so padding cannot change real rows);
 - one transfer in (the padded pixel batch) and one out (the whole padded output,
   sliced on the host), with no `.item()`, masking or data-dependent shape between;
-- `warm_up()` runs every bucket once through the same `_step` the runtime uses, logging
-  its compile seconds, then marks the compile guard warm; after each later step the
-  guard checks that nothing compiled (during that step: the counter is process-wide).
+- `warm_up()` runs the largest bucket (which every batch fits by padding up) and, unless
+  told otherwise, every other bucket once through the same `_step` the runtime uses,
+  logging compile seconds, then marks the compile guard warm. Buckets left out compile
+  later through `compile_next` (the batcher calls it when idle), outside any step; a batch
+  runs on the smallest compiled bucket that holds it. After warm-up the guard checks that
+  nothing compiled inside a step.
 
-Not thread-safe: warm-up runs first, then a single thread (the batcher's worker) calls `run`.
+Not thread-safe: warm-up runs first, then a single thread (the batcher's worker) calls `run`
+and `compile_next`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import numpy as np
 import torch
 
 from encoder_service.vision_model import VisionEncoder
-from runtime.buckets import pad_to_bucket, split_into_buckets, validate_buckets
+from runtime.buckets import split_into_buckets, validate_buckets
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
+from runtime.graphs import GraphPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +53,44 @@ class EncoderRunner:
         self.pixel_shape = (3, model.image_size, model.image_size)
         self.output_shape = (model.tokens_per_image, model.hidden_size)
         self.bucket_stats = {bucket: BucketStats() for bucket in self.buckets}
+        self.plan = GraphPlan([(bucket,) for bucket in self.buckets])
         self.warmup_seconds: dict[int, float] = {}
 
-    def warm_up(self) -> dict[int, float]:
-        """Compiles every bucket; returns {bucket: seconds}. Logs one line each and a total."""
+    def warm_up(self, full: bool = True) -> dict[int, float]:
+        """Compiles the largest bucket, which every batch fits, then (with `full`) every other;
+        returns {bucket: seconds}. Logs one line each and a total. Without `full` the rest
+        compile later through `compile_next`, outside any step."""
         log.info("encoder: compiling the vision encoder for item-batch buckets %s on %s",
-                 list(self.buckets), self.device.describe())
+                 list(self.buckets) if full else [self.buckets[-1]], self.device.describe())
         self.guard.start_warmup()
         start = time.perf_counter()
-        for bucket in self.buckets:
-            began = time.perf_counter()
-            with self.guard.compiling():
-                out = self._step(np.zeros((bucket, *self.pixel_shape), np.float32))
-            if out.shape != (bucket, *self.output_shape):
-                raise ValueError(f"the vision encoder made {out.shape} for {bucket} images, "
-                                 f"expected {(bucket, *self.output_shape)}")
-            self.warmup_seconds[bucket] = time.perf_counter() - began
-            log.info("encoder:   -- image items: %d, compiled in %.2f s", bucket,
-                     self.warmup_seconds[bucket])
+        self._compile(self.plan.covering)
         self.guard.mark_warm()
-        log.info("encoder: compiled %d buckets (%d graphs) in %.2f s", len(self.buckets),
+        while full and self.compile_next():
+            pass
+        log.info("encoder: compiled %d buckets (%d graphs) in %.2f s", len(self.plan.compiled),
                  self.guard.warmup_compilations, time.perf_counter() - start)
         return dict(self.warmup_seconds)
+
+    def compile_next(self) -> bool:
+        """Compiles the smallest bucket not compiled yet; False when none is left."""
+        graph = self.plan.next_pending()
+        if graph is None:
+            return False
+        self._compile(graph)
+        return True
+
+    def _compile(self, graph: tuple[int]) -> None:
+        (bucket,) = graph
+        began = time.perf_counter()
+        with self.guard.compiling():
+            out = self._step(np.zeros((bucket, *self.pixel_shape), np.float32))
+        if out.shape != (bucket, *self.output_shape):
+            raise ValueError(f"the vision encoder made {out.shape} for {bucket} images, "
+                             f"expected {(bucket, *self.output_shape)}")
+        self.plan.mark_compiled(graph)
+        self.warmup_seconds[bucket] = time.perf_counter() - began
+        log.info("encoder:   -- image items: %d, compiled in %.2f s", bucket, self.warmup_seconds[bucket])
 
     def run(self, pixels: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One [3, S, S] float32 array per image -> one [tokens_per_image, hidden_size] each.
@@ -78,7 +99,7 @@ class EncoderRunner:
         results: list[np.ndarray] = []
         start = 0
         for count in split_into_buckets(len(pixels), self.buckets):
-            bucket = pad_to_bucket(count, self.buckets)
+            (bucket,) = self.plan.fit((count,))  # pad_to_bucket once every bucket is compiled
             batch = np.zeros((bucket, *self.pixel_shape), np.float32)  # padded rows stay zero
             for row, image in enumerate(pixels[start:start + count]):
                 if image.shape != self.pixel_shape:
@@ -107,5 +128,6 @@ class EncoderRunner:
             "buckets": {b: vars(s).copy() for b, s in self.bucket_stats.items()},
             "warmup_seconds": dict(self.warmup_seconds),
             "warmup_compilations": self.guard.warmup_compilations,
+            "graphs_compiled": len(self.plan.compiled), "graphs_planned": len(self.plan.planned),
             "compilations_after_warmup": self.guard.compilations_after_warmup,
         }

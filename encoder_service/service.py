@@ -1,8 +1,9 @@
 """The encoder service: image bytes in, embedding references out.
 
-`EncoderService(config, store)` loads the checkpoint's vision half, compiles every
-item-batch bucket, and is ready when the constructor returns (`is_ready`); `close()`
-stops it. Each image of `encode(...)` goes:
+`EncoderService(config, store)` loads the checkpoint's vision half, compiles the
+largest item-batch bucket (every batch fits it; the others compile while the batcher
+is idle, or all up front with `full_warmup`), and is ready when the constructor
+returns (`is_ready`); `close()` stops it. Each image of `encode(...)` goes:
 
     key (hash of bytes) -> cache hit: the cached EmbeddingRef, nothing else runs
                         -> in flight for another request: wait for that one
@@ -58,14 +59,15 @@ class EncoderService:
             max_image_pixels=config.max_image_pixels)
         guard = CompileGuard(device, strict=config.strict_compile, name="encoder")
         self._runner = EncoderRunner(model, device, config.buckets, guard)
-        self._runner.warm_up()
+        self._runner.warm_up(full=config.full_warmup)
         # A LocalObjectStore frees an array only when told; Ray frees it with its last ref.
         drop = getattr(store, "drop", None)
         self._cache = EmbeddingCache(config.encoder_cache_bytes,
                                      on_evict=(lambda ref: drop(ref.object_ref)) if drop else None)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
         self._batcher = Batcher(self._runner.run, max_items=config.max_batch_items,
-                                wait_s=config.batch_wait_s, name="encoder")
+                                wait_s=config.batch_wait_s, name="encoder",
+                                on_idle=self._runner.compile_next)
         self._item_errors = 0
         self.startup_seconds = time.perf_counter() - started
         log.info("encoder: %s ready in %.1f s (%d tokens x %d per image)", self.model_id,

@@ -36,8 +36,8 @@ def store():
 
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint, store):
-    config = EncoderConfig(model=str(tiny_checkpoint), strict_compile=True, batch_wait_s=0.02,
-                           max_image_bytes=1_000_000, max_image_pixels=2_000_000)
+    config = EncoderConfig(model=str(tiny_checkpoint), strict_compile=True, full_warmup=True,
+                           batch_wait_s=0.02, max_image_bytes=1_000_000, max_image_pixels=2_000_000)
     service = EncoderService(config, store)
     yield service
     service.close()
@@ -212,3 +212,31 @@ async def test_a_service_failure_is_a_retryable_item_error(tiny_checkpoint):
         assert isinstance(again, ItemError) and broken.stats()["misses"] == 2
     finally:
         broken.close()
+
+
+async def test_ready_after_the_largest_bucket_and_the_rest_compile_when_idle(tiny_checkpoint, service,
+                                                                             store):
+    """Without full_warmup the encoder serves on its largest bucket at once; the others compile
+    while the batcher is idle, never inside a step (strict guard), and the embeddings are the
+    same whichever bucket ran them."""
+    import time
+
+    mine = LocalObjectStore()
+    quick = EncoderService(EncoderConfig(model=str(tiny_checkpoint), strict_compile=True), mine)
+    try:
+        stats = quick.stats()
+        assert stats["graphs_planned"] == 4 and stats["graphs_compiled"] >= 1
+        images = [_noise_png(900 + i) for i in range(3)]
+        early = mine.get([ref.object_ref for ref in await quick.encode(images)])
+        deadline = time.monotonic() + 120
+        while quick.stats()["graphs_compiled"] < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert quick.stats()["graphs_compiled"] == 4
+        late = mine.get([ref.object_ref for ref in await quick.encode(images, refresh=True)])
+        reference = store.get([ref.object_ref for ref in await service.encode(images)])
+        for first, second, third in zip(early, late, reference):
+            np.testing.assert_allclose(first, second, atol=1e-5)
+            np.testing.assert_allclose(first, third, atol=1e-5)
+        assert quick.stats()["compilations_after_warmup"] == 0
+    finally:
+        quick.close()

@@ -306,3 +306,32 @@ def test_vision_encoder_honours_feature_layers_and_strategy(tiny_checkpoint, tmp
     assert got.shape == (2, encoder.tokens_per_image, 64)
     assert encoder.tokens_per_image == (17 if strategy == "full" else 16)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batcher_runs_idle_work_between_batches_and_survives_its_failure():
+    import threading
+    import time
+
+    from encoder_service.batcher import Batcher
+
+    done, idle_calls = threading.Event(), []
+
+    def on_idle():
+        idle_calls.append(time.monotonic())
+        if len(idle_calls) == 3:
+            done.set()
+            return False  # nothing left: the worker waits for items
+        return True
+
+    batcher = Batcher(lambda items: [i * 2 for i in items], max_items=4, wait_s=0.0, on_idle=on_idle)
+    try:
+        assert done.wait(5) and len(idle_calls) == 3
+        assert batcher.submit(21).result(timeout=5) == 42
+
+        def broken():
+            raise RuntimeError("idle work broke")
+        failing = Batcher(lambda items: items, max_items=2, wait_s=0.0, on_idle=broken)
+        assert failing.submit("still served").result(timeout=5) == "still served"
+        failing.close()
+    finally:
+        batcher.close()
