@@ -39,8 +39,8 @@ class ColocatedServer:
 
     def stats(self) -> dict:
         encoder, decoder = self.encoder.stats(), self.decoder.stats()
-        return {**encoder, **decoder, "compilations_after_warmup":
-                encoder.get("compilations_after_warmup", 0) + decoder["compilations_after_warmup"]}
+        both = ("compilations_after_warmup", "graphs_compiled", "graphs_planned")
+        return {**encoder, **decoder, **{key: encoder.get(key, 0) + decoder.get(key, 0) for key in both}}
 
     def check_health(self) -> None:
         if not (self.encoder.is_ready and self.decoder.is_ready):

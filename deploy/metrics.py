@@ -73,6 +73,10 @@ BUCKET_SERIES = (  # per encoder item-batch bucket, from stats["buckets"][bucket
 )
 COMPILATIONS = Series("splitserve_compilations_after_warmup", ("compilations_after_warmup",), "gauge",
                       "XLA compilations after warm-up (should stay 0)")
+GRAPHS = (  # a replica serves once its covering graphs are in; the rest compile in the background
+    Series("splitserve_graphs_compiled", ("graphs_compiled",), "gauge", "XLA graphs compiled so far"),
+    Series("splitserve_graphs_planned", ("graphs_planned",), "gauge", "XLA graphs the replica will compile"),
+)
 
 
 def _lookup(stats: dict, path: tuple[str, ...]):
@@ -91,7 +95,7 @@ class StatsExporter:
         from ray.util import metrics
 
         self._read = read_stats
-        self._series = series + (COMPILATIONS,)
+        self._series = series + (COMPILATIONS, *GRAPHS)
         self._buckets = buckets
         self._interval_s = interval_s
         self._last: dict[tuple[str, str], float] = {}

@@ -204,9 +204,10 @@ class RouterServer:
             return http_api.error_for(exc)
         except Exception as exc:  # noqa: BLE001: any other failure means not ready yet
             return http_api.error_response(503, f"not ready: {type(exc).__name__}: {exc}", "unavailable")
-        return {"status": "ok", "compilations_after_warmup": {
-            "encoder": stats["encoder"].get("compilations_after_warmup"),
-            "decoder": stats["decoder"].get("compilations_after_warmup")}}
+        # Ready once the covering graphs are in; the rest keep compiling in the background.
+        return {"status": "ok", **{half: {key: stats[half].get(key) for key in (
+            "graphs_compiled", "graphs_planned", "compilations_after_warmup")}
+            for half in ("encoder", "decoder")}}
 
     async def stats(self) -> dict:
         service = await self.service()
