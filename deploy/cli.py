@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 APP_NAME = "splitserve"
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # generous: the 7B model compiles every bucket on one chip
@@ -65,11 +66,13 @@ def _serve(args: argparse.Namespace) -> int:
         print("splitserve: deploying; the encoder compiles its buckets and the decoder its two "
               "covering graphs first (the rest compile once it serves) ...", flush=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        began = time.monotonic()
         deploying = Deploying(lambda: serve.run(app, name=APP_NAME, route_prefix="/"))
         outcome = wait_until_ready(
             [deploying.probe, serve_status_probe(APP_NAME), health_probe(f"{url}/health")], stop,
             args.startup_timeout_s,
-            on_progress=lambda why: print(f"splitserve: waiting: {why}", flush=True))
+            on_progress=lambda why: print(f"splitserve: waiting ({time.monotonic() - began:.0f} s): "
+                                          f"{why}", flush=True))
         if outcome.state == "stopped":
             return 130
         if outcome.state == "failed":
@@ -77,7 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
             if not args.address:
                 drain = False  # our own Ray: ray.shutdown() stops every replica at once
             return 1
-        print(f"splitserve: ready at {url}  (OpenAI API under {url}/v1; Ctrl-C stops)", flush=True)
+        print(f"splitserve: ready at {url} after {time.monotonic() - began:.0f} s  (OpenAI API "
+              f"under {url}/v1; Ctrl-C stops)", flush=True)
+        print(f"splitserve: {_background_compilation(url)}", flush=True)
         stop.wait()
         print("splitserve: shutting down", flush=True)
     finally:
@@ -85,6 +90,20 @@ def _serve(args: argparse.Namespace) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _background_compilation(url: str) -> str:
+    """What /health says of the graphs still compiling once the replicas serve."""
+    import httpx
+
+    try:
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        parts = [f"{half} {health[half]['graphs_compiled']}/{health[half]['graphs_planned']}"
+                 for half in ("encoder", "decoder")]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        return f"could not read compilation progress from /health ({exc})"
+    return ("serving; the remaining graphs compile in the background, between steps (graphs "
+            f"compiled: {', '.join(parts)}; metric splitserve_graphs_compiled)")
 
 
 def _bench(args: argparse.Namespace) -> int:
