@@ -71,6 +71,31 @@ def _stats():
     return serve.get_app_handle(APP).stats.remote().result()
 
 
+def test_a_burst_at_readiness_is_served_while_graphs_still_compile(client, app_url, photos):
+    """The first test on the fresh app: its replicas serve on their covering graphs while the rest
+    compile in the background. Twelve mixed requests at once (0-3 images, short and long
+    prompts) all succeed, and the strict guard saw no compilation inside a step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    health = httpx.get(f"{app_url}/health").json()
+    assert health["decoder"]["graphs_compiled"] < health["decoder"]["graphs_planned"]
+    urls = [image_data_url(p.resize((48 + 8 * i, 40 + 4 * i))) for i, p in enumerate(photos)]
+
+    def one(i):
+        text = "describe it " * (1 + 12 * (i % 3))
+        messages = _user(*urls[:i % 4], text)
+        reply = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=8,
+                                               temperature=0.0)
+        return reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert all(reason in ("stop", "length") and tokens >= 1 for reason, tokens in results)
+    stats = _stats()
+    assert stats["decoder"]["compilations_after_warmup"] == 0
+    assert stats["encoder"]["compilations_after_warmup"] == 0
+
+
 def test_models_and_health(client, app_url):
     assert [m.id for m in client.models.list().data] == ["llava-tiny"]
     health = httpx.get(f"{app_url}/health").json()
