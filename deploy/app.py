@@ -60,6 +60,9 @@ class AppArgs(BaseModel):
     encoder_replicas: int | None = Field(default=None, ge=1)
     decoder_replicas: int | None = Field(default=None, ge=1)
     router_replicas: int | None = Field(default=None, ge=1)
+    # torch_xla's persistent compilation cache root (None: $XDG_CACHE_HOME/splitserve/xla); used
+    # only where a smoke check shows the backend reloads executables (runtime/compile_cache.py).
+    compile_cache: str | None = None
 
 
 def resolve_model(model: str | None) -> str:
@@ -92,14 +95,16 @@ def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     drain = {} if args.drain_timeout_s is None else {"graceful_shutdown_timeout_s": args.drain_timeout_s}
 
     if args.layout == "disaggregated":
-        encoder = EncoderDeployment.options(**_options(args.encoder_replicas), **drain).bind(encoder_config)
-        decoder = DecoderDeployment.options(**_options(args.decoder_replicas), **drain).bind(decoder_config)
+        encoder = EncoderDeployment.options(**_options(args.encoder_replicas), **drain).bind(
+            encoder_config, args.compile_cache)
+        decoder = DecoderDeployment.options(**_options(args.decoder_replicas), **drain).bind(
+            decoder_config, args.compile_cache)
     else:
         if args.encoder_replicas or args.decoder_replicas:
             raise ValueError("encoder_replicas/decoder_replicas: the colocated layout has one "
                              "deployment; set its replicas in the Serve config")
         encoder = decoder = ColocatedDeployment.options(**{**DRAIN_OPTIONS, **drain}).bind(
-            encoder_config, decoder_config)
+            encoder_config, decoder_config, args.compile_cache)
     return RouterDeployment.options(**_options(args.router_replicas), **drain).bind(
         encoder, decoder, settings)
 

@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.full_warmup:
         decoder["full_warmup"] = True
     app_args = AppArgs(model=model, device=args.device, layout=args.layout, decoder=decoder,
-                       encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas)
+                       encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas,
+                       compile_cache=args.compile_cache)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
     try:
         app = build_app(app_args)  # checks the deploy against the model before Ray starts
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per engine step: decodes plus prefill chunks (default 256)")
     serve.add_argument("--no-prefix-caching", action="store_true",
                        help="never reuse KV blocks across requests")
+    serve.add_argument("--compile-cache", metavar="DIR",
+                       help="torch_xla's persistent compilation cache root (default "
+                       "$XDG_CACHE_HOME/splitserve/xla), used where the backend can reload "
+                       "executables (a smoke check decides; not the CPU client of torch_xla 2.9)")
     serve.add_argument("--full-warmup", action="store_true",
                        help="compile every decoder graph before serving (slower start)")
     serve.add_argument("--address", help="join this Ray cluster ('auto' for the local one) "

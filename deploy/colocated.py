@@ -16,14 +16,21 @@ from deploy.metrics import DECODER_SERIES, ENCODER_SERIES, StatsExporter
 from encoder_service.config import EncoderConfig
 from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
 
 
 class ColocatedServer:
-    def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig) -> None:
+    def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig,
+                 compile_cache: str | None = None) -> None:
+        # Once per process, before anything compiles: both halves share the process's cache.
+        cache = enable_persistent_cache(compile_cache, "colocated", device_kind=decoder.device,
+                                        defer_check=True)
         store = RayObjectStore()
         self.encoder = EncoderService(encoder, store)
         self.decoder = DecoderService(decoder, store)
+        if cache.check_pending:
+            record_smoke_check_in_background(compile_cache)
         self._metrics = StatsExporter("colocated", self.stats, ENCODER_SERIES + DECODER_SERIES, buckets=True)
 
     async def encode(self, images: list[bytes], request_id: str | None = None, *,

@@ -21,6 +21,7 @@ from decoder_service.config import DecoderConfig
 from decoder_service.service import DecoderService
 from deploy.autoscaling import TOKENS_IN_FLIGHT
 from deploy.metrics import DECODER_SERIES, StatsExporter
+from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.messages import GenerateChunk, GenerateRequest
 from runtime.object_store import RayObjectStore
 
@@ -33,8 +34,12 @@ def decoder_info(service: DecoderService) -> dict:
 
 
 class DecoderServer:
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, compile_cache: str | None = None) -> None:
+        cache = enable_persistent_cache(compile_cache, "decoder", device_kind=config.device,
+                                        defer_check=True)  # first: before anything compiles
         self.service = DecoderService(config, RayObjectStore())
+        if cache.check_pending:
+            record_smoke_check_in_background(compile_cache)
         self._tokens_in_flight = 0  # output tokens still owed to the requests in this replica
         self._metrics = StatsExporter("decoder", self.service.stats, DECODER_SERIES)
 

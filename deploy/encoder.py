@@ -17,6 +17,7 @@ from encoder_service.config import EncoderConfig
 from deploy.metrics import ENCODER_SERIES, Series, StatsExporter
 from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, ItemError
+from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
 
 
@@ -26,10 +27,14 @@ IN_FLIGHT_SERIES = Series("splitserve_encoder_images_in_flight", ("images_in_fli
 
 
 class EncoderServer:
-    def __init__(self, config: EncoderConfig | dict) -> None:
+    def __init__(self, config: EncoderConfig | dict, compile_cache: str | None = None) -> None:
         if isinstance(config, dict):
             config = EncoderConfig(**config)
+        cache = enable_persistent_cache(compile_cache, "encoder", device_kind=config.device,
+                                        defer_check=True)  # first: before anything compiles
         self.service = EncoderService(config, RayObjectStore())
+        if cache.check_pending:
+            record_smoke_check_in_background(compile_cache)
         self._images_in_flight = 0
         self._metrics = StatsExporter("encoder", self.stats, ENCODER_SERIES + (IN_FLIGHT_SERIES,),
                                       buckets=True)

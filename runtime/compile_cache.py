@@ -11,7 +11,10 @@ computation cache starts, at the first compilation). It decides, then logs one l
   same graph and reports torch_xla's counters (`PersistentCacheHit`,
   `PersistentCacheDeserializeFailure`, the `CompileTime` count). The answer is kept in
   `<root>/smoke-torch_xla-<version>-<PJRT device>.json`, so only the first start after
-  an upgrade pays for it (two interpreter start-ups with torch_xla: seconds).
+  an upgrade pays for it (two interpreter start-ups with torch_xla: 15-40 s on a busy
+  2-core machine). With `defer_check=True` (what the replicas use) a start that finds
+  no recorded answer does not wait for it: the cache stays off for this start and
+  `record_smoke_check_in_background` measures it once the replica serves, for the next.
 - Which directory? `<root>/<replica_name>-<slot>`: torch_xla wants one directory per
   process at a time, and a restarted replica should find its executables again. A
   process holds `<root>/<replica_name>-<slot>.lock` (flock) until it exits and takes the
@@ -19,7 +22,8 @@ computation cache starts, at the first compilation). It decides, then logs one l
   and a restart reuses one. A lock dies with its process: no stale locks.
 
 The root is `directory` when given, else `$XDG_CACHE_HOME/splitserve/xla`, else
-`~/.cache/splitserve/xla`. No threads; nothing here is shared between calls except files.
+`~/.cache/splitserve/xla`. Nothing here is shared between calls except files; the only
+thread is the deferred smoke check's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +71,7 @@ class CacheDecision:
     enabled: bool
     reason: str  # the line that was logged
     directory: Path | None = None  # this process's cache directory, when enabled
+    check_pending: bool = False  # no answer recorded yet and the check was deferred
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ def enable_persistent_cache(
     *,
     device_kind: str,
     smoke_check: Callable[[Mapping[str, str]], SmokeResult] = run_smoke_check,
+    defer_check: bool = False,
 ) -> CacheDecision:
     """Turns torch_xla's persistent compilation cache on for this process where the backend
     reloads executables, and logs one line saying what was decided and why.
@@ -175,6 +182,10 @@ def enable_persistent_cache(
     env = {**os.environ, **xla_environment(os.environ)}
     pjrt = env["PJRT_DEVICE"]
     root = cache_root(directory, os.environ)
+    if defer_check and _recorded(_marker(root, version, pjrt)) is None:
+        log.info("persistent XLA compilation cache off for this start: whether this backend (%s) "
+                 "reloads executables is not known yet; measured once the replica serves", pjrt)
+        return CacheDecision(False, "not known yet", check_pending=True)
     try:
         result, how = _backend_reloads(root, version, pjrt, env, smoke_check)
     except SmokeCheckError as error:
@@ -199,13 +210,10 @@ def _backend_reloads(root: Path, version: str, pjrt: str, env: Mapping[str, str]
                      smoke_check: Callable[[Mapping[str, str]], SmokeResult]) -> tuple[SmokeResult, str]:
     """The recorded answer for (torch_xla version, PJRT device), else a fresh smoke check
     (recorded). Returns the result and how it was obtained, for the log line."""
-    marker = root / re.sub(r"[^A-Za-z0-9_.-]", "_", f"smoke-torch_xla-{version}-{pjrt}.json")
-    try:
-        recorded = json.loads(marker.read_text())
-        return (SmokeResult(bool(recorded["reloads"]), str(recorded["detail"])),
-                f"smoke check of {recorded['checked_at']} recorded in {marker}")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or unreadable: measure again
+    marker = _marker(root, version, pjrt)
+    recorded = _recorded(marker)
+    if recorded is not None:
+        return recorded
     started = time.perf_counter()
     result = smoke_check(env)
     smoke_s = time.perf_counter() - started
@@ -217,6 +225,47 @@ def _backend_reloads(root: Path, version: str, pjrt: str, env: Mapping[str, str]
     partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, marker)  # replicas starting together each write a whole file
     return result, f"measured by a smoke check in {smoke_s:.1f} s"
+
+
+def _marker(root: Path, version: str, pjrt: str) -> Path:
+    return root / re.sub(r"[^A-Za-z0-9_.-]", "_", f"smoke-torch_xla-{version}-{pjrt}.json")
+
+
+def _recorded(marker: Path) -> tuple[SmokeResult, str] | None:
+    """The answer recorded in `marker`, or None when absent or unreadable (measure again)."""
+    try:
+        recorded = json.loads(marker.read_text())
+        return (SmokeResult(bool(recorded["reloads"]), str(recorded["detail"])),
+                f"smoke check of {recorded['checked_at']} recorded in {marker}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_smoke_check_in_background(directory: str | Path | None) -> threading.Thread:
+    """Runs the smoke check on a daemon thread and records its answer for the next start
+    (after a deferred `enable_persistent_cache`, once the replica serves)."""
+    version = metadata.version("torch_xla")
+    env = {**os.environ, **xla_environment(os.environ)}
+    root = cache_root(directory, os.environ)
+
+    def measure() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "smoke.lock", "w") as lock:
+            try:  # replicas starting together: one of them measures, the others need not
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return
+            try:
+                result, how = _backend_reloads(root, version, env["PJRT_DEVICE"], env, run_smoke_check)
+                log.info("persistent XLA compilation cache: %s (%s); the next start uses that",
+                         "this backend reloads executables" if result.reloads else
+                         "this backend cannot reload executables", how)
+            except SmokeCheckError as error:
+                log.warning("persistent XLA compilation cache: the smoke check could not run: %s", error)
+
+    thread = threading.Thread(target=measure, name="xla-cache-smoke-check", daemon=True)
+    thread.start()
+    return thread
 
 
 def _decided(enabled: bool, reason: str, directory: Path | None = None) -> CacheDecision:

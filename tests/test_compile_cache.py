@@ -157,3 +157,20 @@ def test_slot_held_by_a_live_process_is_skipped_then_reused_after_it_exits(tmp_p
         holder.communicate("", timeout=30)
     # The holder is gone (a restart): its directory is free again, executables and all.
     assert claim_replica_dir(tmp_path, "decoder").name == "decoder-0"
+
+
+def test_a_deferred_check_does_not_hold_up_the_start_then_a_recorded_answer_is_used(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    monkeypatch.delenv("XLA_PERSISTENT_CACHE_PATH", raising=False)
+    never = FakeSmoke(AssertionError("a deferred start must not run the smoke check"))
+    decision = enable_persistent_cache(tmp_path, "decoder", device_kind="xla", smoke_check=never,
+                                       defer_check=True)
+    assert not decision.enabled and decision.check_pending and never.calls == 0
+    assert not list(tmp_path.glob("smoke-*.json"))
+    # Once an answer is recorded (here: by a check that says it reloads), deferring changes nothing.
+    enable_persistent_cache(tmp_path, "decoder", device_kind="xla",
+                            smoke_check=FakeSmoke(SmokeResult(False, "measured")))
+    later = enable_persistent_cache(tmp_path, "decoder", device_kind="xla", smoke_check=never,
+                                    defer_check=True)
+    assert not later.check_pending and "cannot reload" in later.reason and never.calls == 0
