@@ -87,8 +87,14 @@ def _serve(args: argparse.Namespace) -> int:
         stop.wait()
         print("splitserve: shutting down", flush=True)
     finally:
-        if drain:  # lets streams in flight finish; replicas still compiling would hold it up
-            serve.shutdown()
+        if drain:  # deleting the app drains it: streams in flight finish first
+            try:
+                serve.delete(APP_NAME)
+            except Exception as exc:  # noqa: BLE001: shutting down regardless
+                print(f"splitserve: draining failed: {exc}", file=sys.stderr, flush=True)
+        # Our own local Ray goes with everything in it. (serve.shutdown() would end with the
+        # controller killing itself mid-task, which Ray reports as a failed task: noise.) On a
+        # cluster we joined, only our app goes; its Serve instance stays for the others.
         ray.shutdown()
     return 0
 
