@@ -138,6 +138,9 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
               "started_at": time.strftime("%H:%M")}
     try:
         metrics = metrics_url(server, process)
+        if server.prefix_metrics and not metrics:
+            print(f"[{time.strftime('%H:%M:%S')}] {server.name}: no Prometheus endpoint found; "
+                  "prefix-cache hits not recorded", flush=True)
         for name, config in configs(server, args).items():
             busy_before = wait_quiet(args.wait_quiet_s)
             counters = []  # prefix-cache counters after the warm-up request, and after the run

@@ -179,7 +179,7 @@ def prioritize(pid: int, nice: int) -> None:
 
 
 # --- prefix-cache counters ------------------------------------------------------------------------
-def metrics_url(server: Server, process: subprocess.Popen, wait_s: float = 30.0) -> str | None:
+def metrics_url(server: Server, process: subprocess.Popen, wait_s: float = 120.0) -> str | None:
     """vLLM: its own /metrics. splitserve: the Prometheus port of the Ray node it started (Ray
     picks it at start-up), found among the ports its session's processes listen on as the one
     whose /metrics holds splitserve's series (they appear a few seconds after warm-up)."""
@@ -193,7 +193,7 @@ def metrics_url(server: Server, process: subprocess.Popen, wait_s: float = 30.0)
     while True:
         for port in _listening_ports(process.pid):
             try:
-                if "ray_splitserve_" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text:
+                if "ray_splitserve_" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text:
                     return f"http://127.0.0.1:{port}/metrics"
             except httpx.HTTPError:  # not an HTTP server
                 continue
