@@ -118,7 +118,7 @@ def vllm_versions() -> dict[str, str]:
 
 
 def start(server: Server, log_path: Path, nice: int) -> tuple[subprocess.Popen, float]:
-    import httpx
+    from deploy.startup import wait_healthy
 
     hf_home = log_path.parent / "hf-home"
     (hf_home / "hub").mkdir(parents=True, exist_ok=True)  # `transformers serve` scans it
@@ -130,17 +130,12 @@ def start(server: Server, log_path: Path, nice: int) -> tuple[subprocess.Popen, 
                                    start_new_session=True, cwd=ROOT)
     if nice:
         prioritize(process.pid, nice)  # its own session: its own autogroup
-    while time.monotonic() - t0 < server.startup_timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
-                return process, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    stop(process, server.stop_signal)
-    raise TimeoutError(f"{server.name} was not healthy within {server.startup_timeout_s} s")
+    try:
+        wait_healthy(f"{server.url}/health", server.startup_timeout_s, process=process, poll_s=2.0)
+    except (TimeoutError, RuntimeError) as error:
+        stop(process, server.stop_signal)
+        raise RuntimeError(f"{server.name} did not turn healthy ({error}); see {log_path}") from error
+    return process, time.monotonic() - t0
 
 
 def healthy(server: Server, process: subprocess.Popen) -> bool:

@@ -293,13 +293,6 @@ async def soak(url: str, app: str, num_requests: int = 600, concurrency: int = 1
     }
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=30).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def deploy_and_soak(app_args: dict, app: str, port: int, **soak_args) -> dict:
     """Starts a local Ray, deploys `build_app(app_args)` as `app` on 127.0.0.1:`port`, runs
     the soak against it, and shuts everything down."""
@@ -307,17 +300,14 @@ def deploy_and_soak(app_args: dict, app: str, port: int, **soak_args) -> dict:
     from ray import serve
 
     from deploy.app import build_app
+    from deploy.startup import wait_healthy
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args), name=app, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while not _healthy(f"{url}/health"):  # serve.run returned: only a busy machine waits here
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url}/health did not answer 200 in 900 s")
-            time.sleep(1)
+        wait_healthy(f"{url}/health", timeout_s=900)  # serve.run returned: a busy machine waits
         return asyncio.run(soak(url, app, **soak_args))
     finally:
         serve.shutdown()

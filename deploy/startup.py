@@ -15,6 +15,10 @@ function that answers `Readiness` ("ready", "starting" or "failed", plus why):
 The wait ends at the first failure, when every probe is ready, when `stop` is set,
 or after `timeout_s`, which counts a replica stuck warming up as a failure.
 
+`wait_healthy(url, ...)` is the same wait for anything with a `/health` (a splitserve
+app, `transformers serve`, vLLM; optionally the process serving it): the one readiness
+poller of the CLI, the tests, the cluster harness and the benchmarks.
+
 Threads: the caller's thread polls; `Deploying` runs `serve.run` on its own daemon thread.
 """
 
@@ -104,6 +108,33 @@ def health_probe(url: str, timeout_s: float = 5.0) -> Probe:
         return Readiness(state, str(error.get("message", "")))
 
     return probe
+
+
+def process_probe(process, name: str = "the server") -> Probe:
+    """Fails once `process` (a `subprocess.Popen`) has exited."""
+
+    def probe() -> Readiness:
+        code = process.poll()
+        return READY if code is None else Readiness("failed", f"{name} exited with {code}")
+
+    return probe
+
+
+def wait_healthy(url: str, timeout_s: float, *, process=None, poll_s: float = 0.5,
+                 request_timeout_s: float = 5.0) -> float:
+    """Polls `url` (a `/health`) until it answers 200; returns the seconds waited. Raises
+    TimeoutError after `timeout_s`, RuntimeError when `process` exits first or the app reports
+    that it cannot start (`startup_failed`)."""
+    probes = [health_probe(url, request_timeout_s)]
+    if process is not None:
+        probes.append(process_probe(process))
+    started = time.monotonic()
+    outcome = wait_until_ready(probes, threading.Event(), timeout_s, poll_s=poll_s)
+    if outcome.state == "ready":
+        return time.monotonic() - started
+    if time.monotonic() - started >= timeout_s:
+        raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s: {outcome.detail}")
+    raise RuntimeError(f"{url} will not turn healthy: {outcome.detail}")
 
 
 FAILED_STATUSES = ("DEPLOY_FAILED", "UNHEALTHY")

@@ -13,7 +13,8 @@ os.environ.update(xla_environment(os.environ))
 
 import pytest  # noqa: E402
 
-from tests.support import free_port, wait_http_ok  # noqa: E402
+from deploy.startup import wait_healthy  # noqa: E402
+from tests.support import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +55,7 @@ def transformers_server(tiny_checkpoint, tmp_path_factory):
             [str(cli), "serve", str(tiny_checkpoint), "--device", "cpu", "--host", "127.0.0.1",
              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=180, process=process)
+        wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=180, process=process)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()

@@ -1,4 +1,5 @@
-"""Helpers shared by tests: ports, waiting for servers, images as data URLs."""
+"""Helpers shared by tests: ports, images as data URLs, embedding refs. (Waiting for a server:
+`deploy.startup.wait_healthy`, the one readiness poller.)"""
 
 
 def free_port() -> int:
@@ -7,26 +8,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_http_ok(url: str, timeout_s: float, process=None) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
-
-
 
 
 def image_data_url(image, fmt: str = "PNG") -> str:

@@ -12,7 +12,8 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
 from deploy.app import build_app
-from tests.support import image_data_url, wait_http_ok
+from deploy.startup import wait_healthy
+from tests.support import image_data_url
 
 APP = "splitserve"
 
@@ -25,7 +26,7 @@ def app_url(ray_serve, serve_http_port, tiny_checkpoint):
         "fetch": {"allowed_hosts": ["127.0.0.1"]}})
     ray_serve.run(app, name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{serve_http_port}"
-    wait_http_ok(f"{url}/health", timeout_s=300)
+    wait_healthy(f"{url}/health", timeout_s=300)
     yield url
     ray_serve.delete(APP)
 
@@ -233,7 +234,7 @@ def test_colocated_layout_answers_like_the_disaggregated_one(ray_serve, client, 
     ray_serve.run(colocated, name="colocated", route_prefix="/colocated")
     try:
         base = f"http://127.0.0.1:{serve_http_port}/colocated"
-        wait_http_ok(f"{base}/health", timeout_s=300)
+        wait_healthy(f"{base}/health", timeout_s=300)
         other = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         messages = _user(image_data_url(photos[2]), "What is in this picture?")
         ours = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=10,

@@ -16,7 +16,7 @@ import pytest
 from deploy.bench import BenchConfig, WorkloadSpec, build_workload, run_bench
 from deploy.bench.client import RequestResult
 from deploy.bench.report import summarize
-from tests.support import wait_http_ok
+from deploy.startup import wait_healthy
 
 APP = "bench-target"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -202,7 +202,7 @@ def splitserve_url(ray_serve, serve_http_port, tiny_checkpoint):
                      "encoder": {"max_batch_items": 4}})
     ray_serve.run(app, name=APP, route_prefix="/bench-target")
     url = f"http://127.0.0.1:{serve_http_port}/bench-target"
-    wait_http_ok(f"{url}/health", timeout_s=300)
+    wait_healthy(f"{url}/health", timeout_s=300)
     yield f"{url}/v1"
     ray_serve.delete(APP)
 

@@ -25,7 +25,8 @@ from benchmarks.soak import soak
 from deploy.app import build_app
 from tests.hostile.corpus import CASES, Context, Limits, good_png
 from tests.hostile.servers import ImageHost
-from tests.support import image_data_url, wait_http_ok
+from deploy.startup import wait_healthy
+from tests.support import image_data_url
 
 APP = "reliability"
 PREFIX = "/reliability"
@@ -54,7 +55,7 @@ def app_url(ray_serve, serve_http_port, tiny_checkpoint, image_host):
                   "max_redirects": 3}})
     ray_serve.run(app, name=APP, route_prefix=PREFIX)
     url = f"http://127.0.0.1:{serve_http_port}{PREFIX}"
-    wait_http_ok(f"{url}/health", timeout_s=300)
+    wait_healthy(f"{url}/health", timeout_s=300)
     yield url
     ray_serve.delete(APP, _blocking=False)  # a no-op when the drain test has deleted it
     deadline = time.monotonic() + REPLACE_TIMEOUT_S  # a replica still compiling stops after it

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,17 +149,6 @@ def serve_run(config: dict, path: Path, address: str, log_path: Path) -> float:
         subprocess.run([str(cli), "run", str(path), "--address", address, "--non-blocking"],
                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=180, check=True)
     return time.monotonic() - started
-
-
-def wait_healthy(url: str, timeout_s: float) -> float:
-    """Polls GET url until 200; returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=5).status_code == 200:
-                return time.monotonic() - started
-        time.sleep(1.0)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
 
 
 def serve_details() -> dict:

@@ -28,6 +28,7 @@ import time
 
 import httpx
 
+from deploy.startup import wait_healthy
 from tests.cluster_scripts import harness
 from tests.support import free_port
 
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace, result: dict) -> None:
         result["serve_run_s"] = harness.serve_run(config, args.workdir / "serve_config.yaml",
                                                   cluster.address, args.workdir / "serve-run.log")
         base = f"http://127.0.0.1:{port}"
-        result["healthy_after_s"] = harness.wait_healthy(f"{base}/health", timeout_s=300)
+        result["healthy_after_s"] = wait_healthy(f"{base}/health", timeout_s=300)
         result["health"] = httpx.get(f"{base}/health", timeout=10).json()
         result["placement"] = harness.deployments_view(harness.serve_details())
         result["steps"].append("placement")

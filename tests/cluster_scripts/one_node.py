@@ -12,6 +12,7 @@ import argparse
 
 import httpx
 
+from deploy.startup import wait_healthy
 from tests.cluster_scripts import harness
 from tests.support import free_port
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace, result: dict) -> None:
         result["serve_run_s"] = harness.serve_run(config, args.workdir / "serve_config.yaml",
                                                   cluster.address, args.workdir / "serve-run.log")
         base = f"http://127.0.0.1:{port}"
-        result["healthy_after_s"] = harness.wait_healthy(f"{base}/health", timeout_s=240)
+        result["healthy_after_s"] = wait_healthy(f"{base}/health", timeout_s=240)
         result["health"] = httpx.get(f"{base}/health", timeout=10).json()
         reply = httpx.post(f"{base}/v1/chat/completions", timeout=120, json=harness.chat_body(
             "What is this?", harness.image_jpeg(128, seed=3), max_tokens=4))
