@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -54,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import issue13_doc, peers_doc  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from benchmarks.peer_servers import (OtherWork, Server, healthy, metrics_url, prefix_cache_delta,  # noqa: E402
                                      prefix_counters, prepare_vllm, prioritize, servers, start,
                                      stop, vllm_versions, wait_quiet)
@@ -176,19 +175,6 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
     finally:
         stop(process, server.stop_signal)
     return result
-
-
-def machine() -> dict:
-    from importlib.metadata import version
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1),
-            "os": platform.platform(), "python": platform.python_version(), "commit": commit,
-            "versions": {p: version(p) for p in ("torch", "torch_xla", "transformers", "ray", "httpx")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
-from benchmarks.common import copy_bandwidth_gbps, machine  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbps, machine, machine_line  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
 from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shapes = runner.shapes
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    results = {"machine": machine(), "device": device.describe(), "size": args.size,
+    results = {"machine": machine_line(machine()), "device": device.describe(), "size": args.size,
                "weight_bytes": weight_bytes, "kv_cache_bytes": runner.cache.nbytes, "decode": [],
                "prefill": []}
 

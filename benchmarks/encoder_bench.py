@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/encoder.json"))
     args = parser.parse_args(argv)
 
-    from benchmarks.common import machine
+    from benchmarks.common import machine, machine_line
     from encoder_service.config import EncoderConfig
     from encoder_service.service import EncoderService
     from runtime.checkpoint import open_checkpoint
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "size": args.size, "date": date.today().isoformat(), "device": "xla (PJRT " +
         os.environ.get("PJRT_DEVICE", "?") + ")",
-        "machine": machine() + ", shared with other work (noisy)",
+        "machine": machine_line(machine()) + ", shared with other work (noisy)",
         "max_batch_items": config.max_batch_items, "concurrency": args.concurrency,
         "tokens_per_image": service.tokens_per_image, "hidden_size": service.hidden_size,
         "startup_s": service.startup_seconds, "warmup_seconds": stats["warmup_seconds"],
