@@ -142,7 +142,8 @@ def _bench_config(args: argparse.Namespace):
     workload = WorkloadSpec(num_requests=args.num_requests, images_per_request=args.images_per_request,
                             repeat_ratio=args.repeat_ratio, prompt_words=args.prompt_words,
                             output_tokens=args.output_tokens, image_max_side=args.image_max_side,
-                            seed=args.seed)
+                            image_pool_size=args.image_pool_size,
+                            questions_per_image=args.questions_per_image, seed=args.seed)
     return BenchConfig(
         base_url=args.base_url, workload=workload, model=args.model,
         max_concurrency=args.concurrency or None,
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images-per-request", type=int, default=1)
     bench.add_argument("--repeat-ratio", type=float, default=0.0,
                        help="probability that an image repeats one an earlier request sent")
+    bench.add_argument("--image-pool-size", type=int, default=0,
+                       help="draw every image from this many fixed images (0: --repeat-ratio decides)")
+    bench.add_argument("--questions-per-image", type=int, default=1,
+                       help="consecutive requests asking about each new image, with new text")
     bench.add_argument("--prompt-words", type=int, default=32)
     bench.add_argument("--output-tokens", type=int, default=32, help="max_tokens of every request")
     bench.add_argument("--ignore-eos", action="store_true",

@@ -23,3 +23,14 @@ def test_decoder_flags_parse():
     assert args.no_prefix_caching and args.full_warmup
     defaults = build_parser().parse_args(["serve"])
     assert defaults.kv_cache_bytes is None and not defaults.no_prefix_caching
+
+
+def test_bench_flags_reach_the_workload():
+    from deploy.cli import _bench_config
+
+    pool = _bench_config(build_parser().parse_args(["bench", "--image-pool-size", "8"])).workload
+    pairs = _bench_config(build_parser().parse_args(["bench", "--questions-per-image", "2"])).workload
+    assert pool.image_pool_size == 8 and pairs.questions_per_image == 2
+    both = build_parser().parse_args(["bench", "--image-pool-size", "8", "--questions-per-image", "2"])
+    with pytest.raises(ValueError, match="choose one way to repeat images"):
+        _bench_config(both)
