@@ -2,8 +2,8 @@
 
 Everything a graph needs is decided here, on the host, and moved to the device in
 one go by the runner. Padded rows are harmless by construction: they write into
-the null block, their queries belong to no sequence, and their sampled tokens are
-never read.
+the null block (block 0, what the zeros of `padding` name), their queries belong
+to no sequence, and their sampled tokens are never read.
 
 Image features reach the prefill graph as `image_rows`, aligned with the chunk's
 tokens: row t is the embedding row for token t when `is_image[t]`, else zeros.
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from decoder_service.block_manager import NULL_BLOCK
 from decoder_service.config import DecoderShapes
 from decoder_service.sampler import SamplingRows
 from decoder_service.scheduler import Chunk

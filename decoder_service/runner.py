@@ -80,7 +80,6 @@ class ModelRunner:
             device.sync()
         self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
                       "decode": GraphPlan(self.shapes.decode_graphs())}
-        self.compile_seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
         self.warmup_seconds = 0.0  # until ready: the covering graphs (or all, with full=True)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -144,10 +143,8 @@ class ModelRunner:
             self.device.sync()
             out.cpu()
         self.plans[kind].mark_compiled(graph)
-        seconds = time.perf_counter() - t0
-        self.compile_seconds[kind] += seconds
-        log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph, seconds,
-                 self.graphs_compiled, self.graphs_planned)
+        log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph,
+                 time.perf_counter() - t0, self.graphs_compiled, self.graphs_planned)
 
     def compile_next(self) -> bool:
         """Compiles one graph not compiled yet, smallest first; False when none is left."""
