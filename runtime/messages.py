@@ -21,10 +21,6 @@ EMBEDDING_META_VERSION = 1
 
 
 class RequestError(ValueError):
-    """What the client sent is wrong (an HTTP 400); the message starts with the field's name."""
-
-
-class RequestError(ValueError):
     """What the client sent is wrong (HTTP 400). The message starts with the field:
     `"max_tokens: must be a positive integer, got 0"`."""
 
