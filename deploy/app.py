@@ -90,7 +90,8 @@ def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     if "allowed_hosts" in fetch:
         fetch["allowed_hosts"] = frozenset(fetch["allowed_hosts"])
     check_deploy(model, encoder_config, decoder_config, FetchPolicy(**fetch))
-    settings = {"served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
+    settings = {"model": model,
+                "served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
                 "fetch": fetch, "max_request_bytes": args.max_request_bytes}
     drain = {} if args.drain_timeout_s is None else {"graceful_shutdown_timeout_s": args.drain_timeout_s}
 

@@ -108,6 +108,20 @@ class HandleDecoder:
             stream.cancel()  # no-op once finished; otherwise the replica aborts the sequence
 
 
+def preload_processor(model: str | None) -> None:
+    """Imports transformers and reads the checkpoint's processor once, so that building the
+    service later finds both warm. Best effort: errors surface when the service is built."""
+    if not model:
+        return
+    try:
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(model)
+    except Exception as error:  # noqa: BLE001
+        logging.getLogger(__name__).info("router: preloading the processor failed (%s); "
+                                         "it is read again once the model is known", error)
+
+
 def check_pairing(encoder: dict, decoder: dict, router: RouterService) -> None:
     """The encoder, the decoder and the router must agree on the model and its geometry."""
     for key in ("model_id", "hidden_size", "tokens_per_image"):
@@ -136,7 +150,12 @@ class RouterServer:
         # Serve runs the constructor on the replica's event loop: start building the service
         # now, so the first request does not pay for loading the processor, and a failure
         # shows in the log as soon as it happens.
-        self._warming = asyncio.get_event_loop().create_task(self.service())
+        # Loading transformers and the processor takes seconds of CPU (tens on a busy machine):
+        # do it in a thread now, while the encoder and decoder compile, rather than after they
+        # report ready; a failure here is only logged, `_build` meets it again and reports it.
+        loop = asyncio.get_event_loop()
+        self._preloading = loop.run_in_executor(None, preload_processor, settings.get("model"))
+        self._warming = loop.create_task(self.service())
         self._warming.add_done_callback(self._log_startup_failure)
 
     @staticmethod
@@ -161,14 +180,16 @@ class RouterServer:
             cause = raised_by_service(error)
             raise StartupFailed(f"info() failed: {type(cause).__name__}: {cause}") from error
         s = self._settings
+        await self._preloading
         try:
             config = RouterConfig(
                 model_id=decoder["model_id"], served_model_name=s["served_model_name"],
                 model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
                 max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
                 fetch=FetchPolicy(**s.get("fetch", {})))
-            service = RouterService(config, HandleEncoder(self._encoder),
-                                    HandleDecoder(self._decoder), self._latency)
+            # In a thread: reading the processor must not hold up /health or other requests.
+            service = await asyncio.to_thread(RouterService, config, HandleEncoder(self._encoder),
+                                              HandleDecoder(self._decoder), self._latency)
         except Exception as error:  # noqa: BLE001: whatever it is, the router cannot serve
             raise StartupFailed(f"the router cannot start: {type(error).__name__}: {error}") from error
         try:
