@@ -10,11 +10,9 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from decoder_service.config import DecoderConfig
-from decoder_service.service import DecoderService
 from deploy.decoder import decoder_info
 from deploy.metrics import DECODER_SERIES, ENCODER_SERIES, StatsExporter
 from encoder_service.config import EncoderConfig
-from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -26,6 +24,9 @@ class ColocatedServer:
         # Once per process, before anything compiles: both halves share the process's cache.
         cache = enable_persistent_cache(compile_cache, "colocated", device_kind=decoder.device,
                                         defer_check=True)
+        from decoder_service.service import DecoderService  # torch: in the replica, not the driver
+        from encoder_service.service import EncoderService
+
         store = RayObjectStore()
         self.encoder = EncoderService(encoder, store)
         self.decoder = DecoderService(decoder, store)

@@ -14,16 +14,19 @@ generations short; `DRAIN_OPTIONS` gives them minutes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from decoder_service.config import DecoderConfig
-from decoder_service.service import DecoderService
 from deploy.autoscaling import TOKENS_IN_FLIGHT
 from deploy.metrics import DECODER_SERIES, StatsExporter
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.messages import GenerateChunk, GenerateRequest
 from runtime.object_store import RayObjectStore
+
+if TYPE_CHECKING:
+    from decoder_service.service import DecoderService
 
 
 def decoder_info(service: DecoderService) -> dict:
@@ -37,6 +40,8 @@ class DecoderServer:
     def __init__(self, config: DecoderConfig, compile_cache: str | None = None) -> None:
         cache = enable_persistent_cache(compile_cache, "decoder", device_kind=config.device,
                                         defer_check=True)  # first: before anything compiles
+        from decoder_service.service import DecoderService  # torch: in the replica, not the driver
+
         self.service = DecoderService(config, RayObjectStore())
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)

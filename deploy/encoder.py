@@ -15,7 +15,6 @@ from ray import serve
 from deploy.autoscaling import IMAGES_IN_FLIGHT
 from encoder_service.config import EncoderConfig
 from deploy.metrics import ENCODER_SERIES, Series, StatsExporter
-from encoder_service.service import EncoderService
 from runtime.messages import EmbeddingRef, ItemError
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -32,6 +31,8 @@ class EncoderServer:
             config = EncoderConfig(**config)
         cache = enable_persistent_cache(compile_cache, "encoder", device_kind=config.device,
                                         defer_check=True)  # first: before anything compiles
+        from encoder_service.service import EncoderService  # torch: in the replica, not the driver
+
         self.service = EncoderService(config, RayObjectStore())
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)

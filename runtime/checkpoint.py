@@ -17,8 +17,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Older llava-hf layout -> current layout. Applied in order, first match wins.
 _LEGACY_RENAMES = (

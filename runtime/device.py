@@ -18,8 +18,10 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_KINDS = ("xla", "cpu", "cuda")
 CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=false",)  # see the module docstring
@@ -65,6 +67,8 @@ class Device:
 
             torch_xla.sync()
         elif self.kind == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.torch_device)
 
     def describe(self) -> str:
@@ -76,6 +80,8 @@ class Device:
 def open_device(kind: str = "xla") -> Device:
     if kind not in DEVICE_KINDS:
         raise ValueError(f"device must be one of {', '.join(DEVICE_KINDS)}; got {kind!r}")
+    import torch  # here, not at import: the driver reads this module's environment helpers
+
     if kind == "cpu":
         return Device("cpu", torch.device("cpu"))
     if kind == "cuda":
