@@ -16,8 +16,9 @@ import io
 
 import numpy as np
 
+from runtime.limits import ACCEPTED_IMAGE_FORMATS
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL format names
+ACCEPTED_FORMATS = ACCEPTED_IMAGE_FORMATS
 MULTI_FRAME_FORMATS = ("PNG", "WEBP", "GIF")  # APNG, animated WebP and GIF: refused when animated
 MAX_ASPECT_RATIO = 200  # long edge / short edge, the bound Qwen2-VL's processor sets too
 

@@ -56,8 +56,7 @@ class Checkpoint:
 
     @property
     def is_anyres(self) -> bool:
-        """LLaVA-NeXT: an image is a base view plus grid tiles, its token count varies."""
-        return self.config.model_type == "llava_next"
+        return is_anyres(self.config)
 
     @property
     def image_token_id(self) -> int:
@@ -91,6 +90,11 @@ class Checkpoint:
         if not selected:
             raise ValueError(f"checkpoint {self.path} has no tensors under {', '.join(prefixes)}")
         return selected
+
+
+def is_anyres(config) -> bool:
+    """LLaVA-NeXT: an image is a base view plus grid tiles, and its token count varies."""
+    return config.model_type == "llava_next"
 
 
 def open_checkpoint(model: str) -> Checkpoint:
