@@ -111,3 +111,51 @@ def test_the_encoder_and_the_processor_must_agree_on_the_count(services, photos)
     with pytest.raises(EmbeddingMismatchError, match="processor expands the image to"):
         asyncio.run(router._embed([buffer.getvalue()], ["messages.0.content.0.image_url"],
                                   "mismatch", [counted + 1]))
+
+
+def test_greedy_answers_over_http_equal_llava_next(ray_serve, serve_http_port, next_checkpoint,
+                                                  reference_llava_next, photos):
+    """The whole app on Ray Serve: text-only, 1-image and 3-image prompts of different shapes,
+    sent at once, answer with transformers' greedy text and prompt token count."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from deploy.app import build_app
+    from deploy.startup import health_probe, wait_until_ready
+
+    name = "llava-next-tiny"
+    app = build_app({"model": str(next_checkpoint), "served_model_name": name, "strict_compile": True,
+                     "decoder": {"max_model_len": 384, "max_num_seqs": 4},
+                     "encoder": {"max_batch_items": 4}})
+    ray_serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"http://127.0.0.1:{serve_http_port}/{name}"
+    processor = reference_llava_next[0]
+    images = _images(photos)
+    specs = [("Tell me a story.", [], 16), ("What is in this picture?", [images[2]], 16),
+             ("Compare these three pictures.", [images[3], images[1], images[0]], 12)]
+    try:
+        outcome = wait_until_ready([health_probe(f"{url}/health")], threading.Event(), timeout_s=300)
+        assert outcome.state == "ready", outcome.detail
+
+        def ask(spec):
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                               json={"model": name, **_body(*spec).model_dump(exclude_none=True)})
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        with ThreadPoolExecutor(len(specs)) as pool:
+            replies = list(pool.map(ask, specs))
+        for reply, spec in zip(replies, specs):
+            prompt_ids, want, gaps = _reference(reference_llava_next, *spec)
+            limit = next((s for s, gap in enumerate(gaps) if gap < NEAR_TIE), len(want))
+            text = reply["choices"][0]["message"]["content"]
+            assert reply["usage"]["prompt_tokens"] == len(prompt_ids), spec[0]
+            expected = processor.decode(want[:limit], skip_special_tokens=True)
+            assert text == expected if limit == len(want) else text.startswith(expected), spec[0]
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        assert health["encoder"]["compilations_after_warmup"] == 0
+        assert health["decoder"]["compilations_after_warmup"] == 0
+    finally:
+        ray_serve.delete(name)
