@@ -10,10 +10,12 @@ Packing follows `LlavaNextModel.pack_image_features` ("spatial_unpad"): the grid
 patch rows are laid out as one feature map, the rows or columns that only cover the
 padding are cut ("unpad", from the image's aspect ratio), an `image_newline` row ends each
 row of the map, and the base view's rows come first. That is a pure gather, so the host
-builds it as one index array (`AnyresLayout.pack_index`) into the image's tile features
-with the newline row appended; `pack` applies it. It runs on the host because the tiles
-come back from the device per step anyway (an image's tiles may span steps shared with other
-requests): one numpy gather of the real rows, no extra graph, no transfer.
+builds it once per image size as an index array (`AnyresLayout.pack_index`) into the
+image's tile features with the newline row appended, and `pack` copies it as the index's
+contiguous runs (`pack_runs`: ~2 runs per map row) straight from each tile into the output,
+so the real rows are copied once (no concatenation of the tiles first). It runs on the host
+because the tiles come back from the device per step anyway (an image's tiles may span steps
+shared with other requests): no extra graph, no extra transfer.
 """
 
 from __future__ import annotations
@@ -102,11 +104,33 @@ class AnyresLayout:
         return index
 
 
+@lru_cache(maxsize=1024)
+def pack_runs(layout: AnyresLayout, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_index` as copies: runs [R, 4] of (tile, first row in it, first output row, rows),
+    and the output rows [N] that take the newline."""
+    index = layout.pack_index(image_size)
+    per_tile = layout.tokens_per_tile
+    is_newline = index == layout.num_tiles(image_size) * per_tile  # the row after every tile's
+    # A run begins where the source is not the next row, or a tile begins (the base view's
+    # last row and the first grid tile's first row are adjacent in the source, not in a tile).
+    starts = np.flatnonzero((np.diff(index, prepend=-2) != 1) | (index % per_tile == 0))
+    lengths = np.diff(np.append(starts, len(index)))
+    tiles, offsets = np.divmod(index[starts], per_tile)
+    runs = np.stack([tiles, offsets, starts, lengths], axis=1)
+    return runs[~is_newline[starts]], np.flatnonzero(is_newline)
+
+
 def pack(layout: AnyresLayout, tile_features: list[np.ndarray], newline: np.ndarray,
          image_size: tuple[int, int]) -> np.ndarray:
-    """tile_features: num_tiles x [T, D]; newline: [D] -> the image's embedding [num_tokens, D]."""
-    rows = np.concatenate([*tile_features, newline[None].astype(tile_features[0].dtype)])
-    return rows[layout.pack_index(tuple(image_size))]
+    """tile_features: num_tiles x [T, D]; newline: [D] -> the image's embedding [num_tokens, D]
+    (equal to `[tiles flattened; newline][pack_index]`)."""
+    runs, newline_rows = pack_runs(layout, tuple(image_size))
+    out = np.empty((layout.num_tokens(tuple(image_size)), tile_features[0].shape[1]),
+                   tile_features[0].dtype)
+    for tile, first, at, count in runs.tolist():
+        out[at:at + count] = tile_features[tile][first:first + count]
+    out[newline_rows] = newline
+    return out
 
 
 class TilePreprocessor(Preprocessor):

@@ -159,3 +159,23 @@ def test_greedy_answers_over_http_equal_llava_next(ray_serve, serve_http_port, n
         assert health["decoder"]["compilations_after_warmup"] == 0
     finally:
         ray_serve.delete(name)
+
+
+def test_bad_input_is_a_400_naming_the_field(services):
+    """An image whose size cannot be read, or text that spells the image token itself, is the
+    client's fault (RequestError, HTTP 400) and names the field; the router keeps serving."""
+    from runtime.messages import RequestError
+
+    router, _, _ = services
+    bad = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "what?"}]}], "max_tokens": 2})
+    with pytest.raises(RequestError, match=r"^messages\.0\.content\.0\.image_url: not an image"):
+        asyncio.run(router._prepare(bad, "bad-image"))
+    spelled = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "say <image> twice"}], "max_tokens": 2})
+    with pytest.raises(RequestError, match="^messages: the text may not contain"):
+        asyncio.run(router._prepare(spelled, "spelled"))
+    ok = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert asyncio.run(router._prepare(ok, "fine")).request.prompt_token_ids
