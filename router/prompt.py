@@ -10,15 +10,19 @@ expansion is checked against it: a checkpoint whose processor config disagrees w
 its vision tower cannot run in transformers either, and is refused with both numbers.
 
 LLaVA-NeXT (`tokens_per_image=None`): the count depends on the image's size, and
-comes from the processor's own expansion for a blank image of that size (its public
-call; remembered per size, `image_tokens`). The router checks it against the rows
-the encoder returns.
+comes from the processor's own `replace_image_token` (the public hook its `__call__`
+expands `<image>` with), given the image's size and one tile's pixels: no pixels of the
+image are made (a full call on a blank 12 MP canvas took seconds). At construction that
+count is checked against full processor calls on a few blank images; remembered per size
+(`image_tokens`). The router checks it against the rows the encoder returns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from router.schemas import ChatMessage
 from runtime.messages import RequestError
@@ -67,10 +71,7 @@ class PromptBuilder:
         self.tokens_per_image = tokens_per_image
         self._count_for_size = lru_cache(maxsize=4096)(self._processor_count)
         if tokens_per_image is None:
-            if processor_tokens_per_image(processor) is None:
-                raise ValueError("the checkpoint's processor does not expand "
-                                 f"{self.image_token} (no patch_size in processor_config.json); "
-                                 "a varying image token count cannot be known")
+            self._check_counts_match_the_processor()
             return
         expanded = processor_tokens_per_image(processor)
         if expanded is not None and expanded != tokens_per_image:
@@ -92,11 +93,29 @@ class PromptBuilder:
         return self._count_for_size(tuple(size))
 
     def _processor_count(self, size: tuple[int, int]) -> int:
-        count = processor_tokens_per_image(self.processor, size)
-        if count is None:
-            raise RequestError(f"image of {size[0]}x{size[1]} pixels: the processor cannot "
-                               "preprocess it")
-        return count
+        width, height = size
+        # What the processor's __call__ passes the hook: image sizes (height, width) and pixel
+        # values, of which only one tile's shape is read.
+        inputs = {"image_sizes": np.array([[height, width]]),
+                  "pixel_values": [np.zeros((1, 3, *self._tile_shape), np.float32)]}
+        return self.processor.replace_image_token(inputs, 0).count(self.image_token)
+
+    def _check_counts_match_the_processor(self) -> None:
+        from PIL import Image
+
+        try:
+            probe = self.processor.image_processor(images=[Image.new("RGB", (61, 47))],
+                                                   return_tensors="np")["pixel_values"]
+        except Exception as error:  # noqa: BLE001: a processor that cannot preprocess at all
+            raise ValueError(f"the checkpoint's image processor failed on a probe image: {error}") from error
+        self._tile_shape = tuple(int(n) for n in probe.shape[-2:])
+        for size in ((61, 47), (300, 90), (90, 300), (1, 1)):
+            expanded = processor_tokens_per_image(self.processor, size)
+            if expanded is None or expanded != self._processor_count(size):
+                raise ValueError(
+                    f"the checkpoint's processor expands {self.image_token} for a {size[0]}x"
+                    f"{size[1]} image to {expanded} tokens, its replace_image_token to "
+                    f"{self._processor_count(size)}: the image token count cannot be known")
 
     def tokenize(self, rendered: RenderedPrompt, image_tokens: list[int]) -> Prompt:
         """Expands the i-th image token to `image_tokens[i]` placeholders, then tokenizes."""
