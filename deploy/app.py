@@ -26,6 +26,7 @@ from deploy.colocated import ColocatedDeployment
 from deploy.decoder import DRAIN_OPTIONS, DecoderDeployment
 from deploy.encoder import EncoderDeployment
 from deploy.router import RouterServer
+from encoder_service.anyres import AnyresLayout
 from encoder_service.config import EncoderConfig
 from router.http_api import DEFAULT_MAX_REQUEST_BYTES
 from router.images import FetchPolicy
@@ -122,7 +123,10 @@ def check_deploy(model: str, encoder: EncoderConfig, decoder: DecoderConfig,
     geometry = geometry_of(config)  # the one rule for tokens per image; refuses unknown towers
     warn_if_misstated(model, config, geometry)
     # The router expands <image> with the same count: refuses a processor that disagrees.
-    # LLaVA-NeXT's count varies per image; the processor must be able to say it.
+    # LLaVA-NeXT's count varies per image; the processor must be able to say it, and the
+    # encoder must be able to pack its tiles (strategy, pinpoints).
+    if is_anyres(config):
+        AnyresLayout.of(config)
     PromptBuilder(AutoProcessor.from_pretrained(model),
                   None if is_anyres(config) else geometry.tokens_per_image)
     max_model_len = decoder.max_model_len or geometry.max_position_embeddings

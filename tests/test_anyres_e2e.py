@@ -179,3 +179,16 @@ def test_bad_input_is_a_400_naming_the_field(services):
     ok = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert asyncio.run(router._prepare(ok, "fine")).request.prompt_token_ids
+
+
+def test_the_builder_refuses_a_llava_next_checkpoint_it_cannot_pack(tmp_path):
+    """A LLaVA-NeXT checkpoint with the "full" strategy (CLS rows cannot be laid out as patch
+    rows) is refused before any replica starts, naming the field."""
+    from deploy.app import check_deploy
+    from deploy.demo_checkpoint import write_demo_checkpoint
+    from router.images import FetchPolicy
+
+    model = str(write_demo_checkpoint(tmp_path / "next-full", family="next", strategy="full"))
+    with pytest.raises(ValueError, match="^vision_feature_select_strategy: LLaVA-NeXT packs"):
+        check_deploy(model, EncoderConfig(model=model), DecoderConfig(model=model, max_model_len=256),
+                     FetchPolicy())
