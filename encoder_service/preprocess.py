@@ -16,8 +16,9 @@ import io
 
 import numpy as np
 
+from runtime.limits import ACCEPTED_IMAGE_FORMATS
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL format names
+ACCEPTED_FORMATS = ACCEPTED_IMAGE_FORMATS
 MULTI_FRAME_FORMATS = ("PNG", "WEBP", "GIF")  # APNG, animated WebP and GIF: refused when animated
 MAX_ASPECT_RATIO = 200  # long edge / short edge, the bound Qwen2-VL's processor sets too
 
@@ -36,13 +37,13 @@ class Preprocessor:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.converts_rgb = bool(getattr(image_processor, "do_convert_rgb", False))
-        probe = self.pixels_of(_probe_image())
-        if probe.shape != self.pixel_shape:
-            raise ValueError(f"the checkpoint's image processor makes pixels of shape {probe.shape}, "
+        probe = self.item_shape(self.pixels_of(_probe_image()))
+        if probe != self.pixel_shape:
+            raise ValueError(f"the checkpoint's image processor makes pixels of shape {probe}, "
                              f"the vision tower needs {self.pixel_shape}")
 
-    def __call__(self, data: bytes) -> np.ndarray:
-        """Pixels [3, S, S] float32 for the image file `data`."""
+    def __call__(self, data: bytes):
+        """Pixels [3, S, S] float32 for the image file `data` (`pixels_of`'s type)."""
         image = self.decode(data)
         try:
             return self.pixels_of(image)
@@ -91,6 +92,10 @@ class Preprocessor:
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... per format
             raise ImageRejected(f"not a decodable image ({type(error).__name__}: "
                                 f"{error})") from error
+
+    def item_shape(self, pixels) -> tuple[int, ...]:
+        """The shape of one encoder item in what `pixels_of` returns."""
+        return tuple(pixels.shape)
 
     def pixels_of(self, image) -> np.ndarray:
         # pixel_values: [1, 3, S, S]

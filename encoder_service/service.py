@@ -9,6 +9,10 @@ returns (`is_ready`); `close()` stops it. Each image of `encode(...)` goes:
                         -> in flight for another request: wait for that one
                         -> miss: preprocess (pool) -> batcher -> device -> store.put -> cache
 
+A LLaVA-NeXT image is several batcher items (its base view and grid tiles,
+`encoder_service.anyres`); when the last of them is done, its tiles are packed on the host
+into one [num_tokens, hidden] embedding whose row count depends on the image's shape.
+
 Threads: `encode` runs on the caller's event loop (any loop) and only waits; the
 "encoder-preprocess" pool decodes and preprocesses misses; the batcher's worker thread
 runs every device step and then puts each result in the object store. A miss's
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
+from encoder_service.anyres import AnyresLayout, TilePreprocessor, pack
 from encoder_service.batcher import Batcher
 from encoder_service.cache import EmbeddingCache
 from encoder_service.config import EncoderConfig
@@ -51,10 +57,13 @@ class EncoderService:
         device = open_device(config.device)
         model = load_vision_encoder(checkpoint)
         self.hidden_size = model.hidden_size
-        self.tokens_per_image = model.tokens_per_image
+        self.tokens_per_image = model.tokens_per_image  # per view; per tile for LLaVA-NeXT
+        self.anyres = AnyresLayout.of(checkpoint.config) if checkpoint.is_anyres else None
+        self._image_newline = model.image_newline
         image_processor = load_image_processor(checkpoint.path)
+        # The processor's whole config, grid pinpoints included, is part of every image key.
         self.fingerprint = preprocess_fingerprint(image_processor)
-        self._preprocessor = Preprocessor(
+        self._preprocessor = (TilePreprocessor if self.anyres else Preprocessor)(
             image_processor, model.image_size, max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels)
         guard = CompileGuard(device, strict=config.strict_compile, name="encoder")
@@ -146,14 +155,28 @@ class EncoderService:
 
         def on_pixels(done: Future) -> None:
             try:
-                self._batcher.submit(done.result()).add_done_callback(on_embedding)
+                pixels = done.result()
+                if self.anyres is None:
+                    self._batcher.submit(pixels).add_done_callback(on_embedding)
+                    return
+                tiles = [self._batcher.submit(tile) for tile in pixels.pixels]  # one item each
+                _when_all(tiles, lambda: on_tiles(tiles, pixels.image_size))
             except BaseException as error:
                 fail(error)
 
+        def on_tiles(tiles: list[Future], image_size: tuple[int, int]) -> None:
+            packed: Future = Future()
+            try:
+                features = [tile.result() for tile in tiles]  # num_tiles x [T, hidden]
+                packed.set_result(pack(self.anyres, features, self._image_newline, image_size))
+            except BaseException as error:
+                packed.set_exception(error)
+            on_embedding(packed)
+
         def on_embedding(done: Future) -> None:
             try:
-                array = done.result()  # [tokens_per_image, hidden_size] float32
-                ref = EmbeddingRef(meta=self._meta(key), object_ref=self._store.put(array))
+                array = done.result()  # [num_tokens, hidden_size] float32
+                ref = EmbeddingRef(meta=self._meta(key, len(array)), object_ref=self._store.put(array))
             except BaseException as error:
                 fail(error)
                 return
@@ -164,8 +187,8 @@ class EncoderService:
         except RuntimeError as error:  # the pool is shut down
             fail(error)
 
-    def _meta(self, key: str) -> EmbeddingMeta:
-        return EmbeddingMeta(image_hash=key, num_tokens=self.tokens_per_image,
+    def _meta(self, key: str, num_tokens: int) -> EmbeddingMeta:
+        return EmbeddingMeta(image_hash=key, num_tokens=num_tokens,
                              hidden_size=self.hidden_size, dtype=EMBEDDING_DTYPE,
                              model_id=self.model_id)
 
@@ -175,3 +198,20 @@ class EncoderService:
         self._item_errors += 1
         where = f"image {index}" + (f" of request {request_id}" if request_id else "")
         return ItemError(index=index, message=f"{where}: {reason}", retryable=retryable)
+
+
+def _when_all(futures: list[Future], callback) -> None:
+    """Calls `callback()` once, on the thread that finishes the last of `futures` (the batcher's
+    worker, or this one if they were all done already)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+
+    for future in futures:
+        future.add_done_callback(one_done)

@@ -1,7 +1,9 @@
 """Image URLs to bytes: `data:` URLs and http(s) fetches with limits.
 
 The router never decodes pixels; it hands the original bytes to the encoder (whose
-cache key is a hash of exactly those bytes). Fetching is bounded: one deadline for
+cache key is a hash of exactly those bytes). For a checkpoint whose image token count
+depends on the image's size (LLaVA-NeXT) it reads the size from the file's header
+(`image_size`), with the same PIL plugins the encoder accepts. Fetching is bounded: one deadline for
 the whole fetch (DNS, connect, every redirect hop and the body), a byte cap enforced
 while streaming, and a redirect limit. Unless a host is allowlisted, a URL whose host
 resolves to anything but a global unicast address (loopback, private, shared,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from runtime.limits import MAX_IMAGE_BYTES
+from runtime.limits import ACCEPTED_IMAGE_FORMATS, MAX_IMAGE_BYTES
 from runtime.messages import RequestError
 
 
@@ -165,3 +168,15 @@ async def load_image(url: str, field: str, policy: FetchPolicy, client: httpx.As
     if url.startswith("data:"):
         return decode_data_url(url, field, policy.max_image_bytes)
     return await fetch_url(url, field, policy, client)
+
+
+def image_size(data: bytes, field: str) -> tuple[int, int]:
+    """(width, height) from the image file's header; no pixel is decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_IMAGE_FORMATS) as image:
+            return image.size
+    except Exception as error:  # noqa: BLE001: PIL raises many kinds; the encoder says more
+        raise ImageInputError(field, "not an image in a format PIL can read among those accepted "
+                              f"(PNG, JPEG, WebP, single-frame GIF): {type(error).__name__}") from None

@@ -36,15 +36,16 @@ from typing import Protocol
 
 import httpx
 
-from router.images import FetchPolicy, ImageInputError, load_image
+from router.images import FetchPolicy, ImageInputError, image_size, load_image
 from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
 from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
-from runtime.checkpoint import open_config
+from runtime.checkpoint import is_anyres, open_config
 from runtime.geometry import geometry_of
 from runtime.image_key import image_cache_key
 from runtime.messages import (
     EmbeddingLostError,
+    EmbeddingMismatchError,
     EmbeddingRef,
     GenerateChunk,
     GenerateRequest,
@@ -108,6 +109,7 @@ class _Prepared:
     request: GenerateRequest
     blobs: list[bytes]  # the images' original bytes, kept to encode again if needed
     fields: list[str]
+    image_tokens: list[int]  # placeholders per image: what each embedding must have
     arrived: float  # time.monotonic() when the request arrived
 
 
@@ -132,9 +134,11 @@ class RouterService:
         self.encoder = encoder
         self.decoder = decoder
         self.observer = observer or _Unobserved()
-        self.geometry = geometry_of(open_config(config.model_path))
+        model_config = open_config(config.model_path)
+        self.geometry = geometry_of(model_config)
+        # LLaVA-NeXT: the processor counts each image's tokens from its size.
         self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path),
-                                     self.geometry.tokens_per_image)
+                                     None if is_anyres(model_config) else self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
         self._http = httpx.AsyncClient()
@@ -189,11 +193,20 @@ class RouterService:
         arrived = time.monotonic()
         self.check_model(body.model)
         self.check_prompt_size(body)
-        prompt = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizing, self.prompts.build, body.messages)
-        if len(prompt.images) > self.config.max_images_per_request:
+        loop = asyncio.get_running_loop()
+        rendered = await loop.run_in_executor(self._tokenizing, self.prompts.render, body.messages)
+        if len(rendered.images) > self.config.max_images_per_request:
             raise RequestError(f"messages: at most {self.config.max_images_per_request} images per "
-                             f"request, got {len(prompt.images)}")
+                             f"request, got {len(rendered.images)}")
+        blobs = None
+        if self.prompts.tokens_per_image is None:  # the counts depend on the sizes: fetch first
+            blobs = await self._load_images(rendered.images)
+            image_tokens = await loop.run_in_executor(self._tokenizing, self._image_tokens, blobs,
+                                                      [s.field for s in rendered.images])
+        else:
+            image_tokens = [self.prompts.tokens_per_image] * len(rendered.images)
+        prompt = await loop.run_in_executor(self._tokenizing, self.prompts.tokenize, rendered,
+                                            image_tokens)
         room = self.config.max_model_len - len(prompt.token_ids)
         if room < 1:
             raise RequestError(f"messages: the prompt has {len(prompt.token_ids)} tokens, the context "
@@ -209,22 +222,31 @@ class RouterService:
             top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
             seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos,
             logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-        blobs = await asyncio.gather(*(load_image(s.url, s.field, self.config.fetch, self._http)
-                                       for s in prompt.images))
+        if blobs is None:
+            blobs = await self._load_images(prompt.images)
         fields = [s.field for s in prompt.images]
-        refs = await self._embed(list(blobs), fields, request_id)
+        refs = await self._embed(blobs, fields, request_id, image_tokens)
         request = GenerateRequest(request_id, tuple(prompt.token_ids), tuple(refs), sampling)
         log.info("request %s: %d prompt tokens, %d image(s), max_tokens %d", request_id,
                  len(prompt.token_ids), len(refs), max_tokens)
-        return _Prepared(request, list(blobs), fields, arrived)
+        return _Prepared(request, blobs, fields, image_tokens, arrived)
+
+    async def _load_images(self, slots) -> list[bytes]:
+        return list(await asyncio.gather(*(load_image(s.url, s.field, self.config.fetch, self._http)
+                                           for s in slots)))
+
+    def _image_tokens(self, blobs: list[bytes], fields: list[str]) -> list[int]:
+        return [self.prompts.image_tokens(image_size(b, f)) for b, f in zip(blobs, fields)]
 
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
 
-    async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str, *,
-                     refresh: bool = False) -> list[EmbeddingRef]:
-        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call.
-        `refresh`: the request's embeddings were lost; forget them here and in the encoder."""
+    async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str,
+                     image_tokens: list[int], *, refresh: bool = False) -> list[EmbeddingRef]:
+        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call. Each
+        must have the rows its placeholders need (`image_tokens`), else the encoder and the
+        processor disagree: a server fault. `refresh`: the request's embeddings were lost;
+        forget them here and in the encoder."""
         keys = self._keys(blobs)
         if refresh:
             for key in keys:
@@ -259,6 +281,11 @@ class RouterService:
                 retried = self._count_retry("encoder", request_id, f"{len(retry)} item error(s)")
             missing = retry
         refs = [known[k] for k in keys]
+        for ref, want, field in zip(refs, image_tokens, fields):
+            if ref.meta.num_tokens != want:
+                raise EmbeddingMismatchError(
+                    f"{field}: the encoder made {ref.meta.num_tokens} embedding rows, the "
+                    f"checkpoint's processor expands the image to {want} tokens")
         return refs  # type: ignore[return-value]
 
     async def _encode(self, blobs: list[bytes], request_id: str, *,
@@ -295,7 +322,7 @@ class RouterService:
                                 request.request_id)
                     self.counters["reencoded_lost"] += 1
                     refs = await self._embed(prepared.blobs, prepared.fields, request.request_id,
-                                             refresh=True)
+                                             prepared.image_tokens, refresh=True)
                     request = dataclasses.replace(request, images=tuple(refs))
                     continue
                 except ServiceUnavailable as error:

@@ -1,14 +1,17 @@
 """LLaVA-family checkpoints, opened by halves.
 
-A checkpoint is a directory or a hub id in Hugging Face format. The encoder needs
-only the vision tower and projector; the decoder only the language model and its
+A checkpoint is a directory or a hub id in Hugging Face format: LLaVA-1.5
+(`model_type: llava`) or LLaVA-NeXT (`llava_next`, anyres tiles; its encoder half also
+holds the `image_newline` row). The encoder needs only the vision tower and projector
+(and `image_newline`); the decoder only the language model and its
 head. `vision_state_dict` and `text_state_dict` read just those tensors out of the
 safetensors files (lazily, file by file), so each service holds its own weights.
 
 Tensor names are normalised to the current transformers layout
-(`model.vision_tower.*`, `model.multi_modal_projector.*`, `model.language_model.*`,
-`lm_head.*`); the older llava-hf hub layout (`vision_tower.vision_model.*`,
-`language_model.model.*`, ...) is renamed on the way in.
+(`model.vision_tower.*`, `model.multi_modal_projector.*`, `model.image_newline`,
+`model.language_model.*`, `lm_head.*`); the older llava-hf hub layout
+(`vision_tower.vision_model.*`, `language_model.model.*`, `image_newline`, ...) is renamed on
+the way in.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ _LEGACY_RENAMES = (
     (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^image_newline$"), "model.image_newline"),
 )
 
-VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+# config.json model types served: LLaVA-1.5 and LLaVA-NeXT (anyres).
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
+
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
 TEXT_PREFIXES = ("model.language_model.", "lm_head.")
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
@@ -47,7 +54,11 @@ def canonical_name(name: str) -> str:
 class Checkpoint:
     path: Path
     model_id: str  # what the user named: a hub id or the directory as given
-    config: object  # transformers.LlavaConfig
+    config: object  # transformers.LlavaConfig or LlavaNextConfig
+
+    @property
+    def is_anyres(self) -> bool:
+        return is_anyres(self.config)
 
     @property
     def image_token_id(self) -> int:
@@ -83,6 +94,11 @@ class Checkpoint:
         return selected
 
 
+def is_anyres(config) -> bool:
+    """LLaVA-NeXT: an image is a base view plus grid tiles, and its token count varies."""
+    return config.model_type == "llava_next"
+
+
 def open_checkpoint(model: str) -> Checkpoint:
     """Opens a local directory, or a hub id through the Hugging Face cache.
 
@@ -97,20 +113,22 @@ def open_checkpoint(model: str) -> Checkpoint:
 
 
 def open_config(model: str, model_id: str | None = None):
-    """The checkpoint's `LlavaConfig` alone (a hub id fetches config.json, not the weights)."""
+    """The checkpoint's `LlavaConfig` or `LlavaNextConfig` alone (a hub id fetches config.json,
+    not the weights)."""
     from transformers import AutoConfig
 
     path = Path(model).expanduser()
     config = AutoConfig.from_pretrained(path if path.is_dir() else model)
-    if getattr(config, "model_type", None) != "llava":
+    if getattr(config, "model_type", None) not in LLAVA_MODEL_TYPES:
         raise ValueError(
             f"{model_id or model}: model_type {getattr(config, 'model_type', None)!r} is not a "
-            "LLaVA-family checkpoint (expected 'llava')")
+            f"LLaVA-family checkpoint (expected one of {', '.join(LLAVA_MODEL_TYPES)})")
     return config
 
 
 def vision_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """`vision_tower.*` and `multi_modal_projector.*` tensors: the encoder's half."""
+    """`vision_tower.*`, `multi_modal_projector.*` (and LLaVA-NeXT's `image_newline`) tensors:
+    the encoder's half."""
     return checkpoint.tensors(VISION_PREFIXES)
 
 

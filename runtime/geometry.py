@@ -11,6 +11,11 @@ CLIP towers add a CLS row; SigLIP towers do not. The config's `image_seq_length`
 field transformers neither computes nor checks; it is never read for sizes, and a
 value that differs from the derived one gets one warning line.
 
+LLaVA-NeXT (`llava_next`): `tokens_per_image` is what the tower yields for one view
+(the base view or one grid tile); an image's own count varies with its shape, and
+comes from its processor (router) and its packed tiles (encoder,
+`encoder_service.anyres`), which the router checks against each other.
+
 The router (prompt expansion), the encoder (embedding rows) and the decoder
 (placeholder runs) all call `model_geometry(checkpoint)` or `tokens_per_image(checkpoint)`;
 the app builder checks the deploy against it once (`warn_if_misstated` among others).
@@ -35,7 +40,7 @@ class ModelGeometry:
     image_size: int  # pixels per side the tower takes
     patch_size: int  # pixels per side of one patch
     select_strategy: str  # "default" drops the CLS row, "full" keeps every row
-    tokens_per_image: int  # placeholder tokens (embedding rows) per image
+    tokens_per_image: int  # placeholder tokens (embedding rows) per image; per view for LLaVA-NeXT
     text_hidden_size: int  # embedding columns: the language model's hidden size
     image_token_id: int  # the placeholder token
     vocab_size: int

@@ -133,3 +133,25 @@ def decoder_service(tiny_checkpoint):
     service = _decoder(tiny_checkpoint)
     yield service
     service.shutdown()
+
+
+# --- issue 17: LLaVA-NeXT (anyres) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory):
+    """The tiny LLaVA-NeXT demo checkpoint (64 px tiles, five grid pinpoints), through the CLI."""
+    from deploy.cli import main
+
+    directory = tmp_path_factory.mktemp("ckpt") / "next-tiny"
+    assert main(["demo-checkpoint", str(directory), "--family", "next", "--size", "tiny"]) == 0
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reference_llava_next(next_checkpoint):
+    """transformers' own LLaVA-NeXT on the CPU, eager fp32."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(next_checkpoint)
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        next_checkpoint, dtype="float32", attn_implementation="eager").eval()
+    return processor, model

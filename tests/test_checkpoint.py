@@ -76,3 +76,26 @@ def test_not_a_llava_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="not a LLaVA-family checkpoint"):
         open_checkpoint(str(tmp_path))
+
+
+def test_llava_next_halves_load_in_both_layouts(next_checkpoint, tmp_path):
+    """model_type llava_next: the encoder's half holds image_newline too, under either layout."""
+    renames = (("model.vision_tower.", "vision_tower.vision_model."),
+               ("model.multi_modal_projector.", "multi_modal_projector."),
+               ("model.image_newline", "image_newline"),
+               ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+
+    def legacy(name):
+        name = canonical_name(name)
+        return next((old + name[len(new):] for new, old in renames if name.startswith(new)), name)
+
+    copy = open_checkpoint(str(_copy_with_names(next_checkpoint, tmp_path, legacy)))
+    original = open_checkpoint(str(next_checkpoint))
+    assert copy.is_anyres and original.is_anyres
+    assert "image_newline" in load_file(tmp_path / "model.safetensors")  # the old name was written
+    vision, text = vision_state_dict(original), text_state_dict(original)
+    assert "image_newline" in vision and not any("newline" in k for k in text)
+    for half in (vision_state_dict, text_state_dict):
+        a, b = half(copy), half(original)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)

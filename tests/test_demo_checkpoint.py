@@ -81,3 +81,25 @@ def test_sizes_have_the_promised_parameter_counts():
     assert sum(counts["tiny"]) < 5_000_000
     assert 80_000_000 < counts["small"][0] < 95_000_000  # ViT-B/16
     assert 100_000_000 < counts["small"][1] < 200_000_000
+
+
+def test_next_family_expands_each_image_to_its_own_feature_count(next_checkpoint):
+    """`--family next`: AutoProcessor is LlavaNext's and writes, per image, exactly as many
+    placeholders as LlavaNext's packed features have rows, which differ with the image shape."""
+    from PIL import Image
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    processor = AutoProcessor.from_pretrained(next_checkpoint)
+    assert isinstance(processor, LlavaNextProcessor)
+    assert len(processor.image_processor.image_grid_pinpoints) >= 3
+    model = LlavaNextForConditionalGeneration.from_pretrained(next_checkpoint).eval()
+    images = [Image.new("RGB", size, (30, 90, 160)) for size in [(64, 64), (130, 60), (40, 150)]]
+    counts = []
+    for image in images:
+        inputs = processor(text="<image>", images=[image], return_tensors="pt")
+        with torch.no_grad():
+            (features,) = model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output
+        counts.append(int((inputs["input_ids"] == model.config.image_token_index).sum()))
+        assert features.shape[0] == counts[-1]
+    assert len(set(counts)) == 3

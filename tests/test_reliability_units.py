@@ -273,7 +273,8 @@ async def test_a_decoder_that_dies_mid_stream_ends_the_stream_with_a_503_event(t
 
 async def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(tiny_checkpoint, monkeypatch):
     service = _service(tiny_checkpoint, ScriptedEncoder(), ScriptedDecoder())
-    monkeypatch.setattr(service.prompts, "build", lambda messages: pytest.fail("tokenized"))
+    monkeypatch.setattr(service.prompts, "render", lambda messages: pytest.fail("rendered"))
+    monkeypatch.setattr(service.prompts, "tokenize", lambda *args: pytest.fail("tokenized"))
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x" * 10**6}]})
     with pytest.raises(ValueError, match="messages: 1000000 characters of text cannot fit"):
         await service.complete(body)
