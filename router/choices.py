@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -33,8 +34,9 @@ async def merge_choices(n: int, generate: Callable[[int], AsyncIterator[T]]
                         ) -> AsyncIterator[tuple[int, T]]:
     """(choice index, item) as they arrive from `generate(0)`, ..., `generate(n - 1)`."""
     if n == 1:
-        async for item in generate(0):
-            yield 0, item
+        async with aclosing(generate(0)) as items:
+            async for item in items:
+                yield 0, item
         return
     out: asyncio.Queue = asyncio.Queue()
     done = object()

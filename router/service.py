@@ -30,6 +30,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -161,8 +162,9 @@ class RouterService:
         request_id = request_id or completion_id()
         prepared = await self._prepare(body, request_id)
         choices: list[list[GenerateChunk]] = [[] for _ in range(prepared.n)]
-        async for index, chunk in self._choices(prepared):
-            choices[index].append(chunk)
+        async with aclosing(self._choices(prepared)) as merged:
+            async for index, chunk in merged:
+                choices[index].append(chunk)
         return self.responses.completion(request_id, choices, body.logprobs)
 
     async def stream(self, body: ChatCompletionRequest,
@@ -178,10 +180,11 @@ class RouterService:
         created = now()
         yield self.responses.first_chunk(request_id, created, prepared.n)
         lasts: dict[int, GenerateChunk] = {}
-        async for index, chunk in self._choices(prepared):
-            lasts[index] = chunk
-            if chunk.text or chunk.finish_reason or chunk.logprobs:
-                yield self.responses.delta_chunk(request_id, created, index, chunk, body.logprobs)
+        async with aclosing(self._choices(prepared)) as merged:  # a client gone stops every choice
+            async for index, chunk in merged:
+                lasts[index] = chunk
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    yield self.responses.delta_chunk(request_id, created, index, chunk, body.logprobs)
         if include_usage and len(lasts) == prepared.n:
             yield self.responses.usage_chunk(request_id, created, [lasts[i] for i in range(prepared.n)])
 
