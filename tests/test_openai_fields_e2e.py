@@ -109,7 +109,7 @@ def test_json_outputs_validate_and_are_the_masked_greedy_tokens(client, tiny_che
         # Random weights never close an open-ended object by themselves: a nudge towards '"'
         # and '}' (the same in the reference) lets the output end well within max_tokens.
         tokenizer = reference_llava[0].tokenizer
-        bias = {tokenizer.convert_tokens_to_ids(t): 6.0 for t in ('"', "}")}
+        bias = {tokenizer.convert_tokens_to_ids(t): 8.0 for t in ('"', "}")}
         body = {"type": "json_object"}
         fmt, schema = ResponseFormat("json_object"), {"type": "object"}
     else:
