@@ -117,7 +117,10 @@ def index_tensors(vocab_size: int, device: torch.device, history_len: int = 1) -
     return {"token_ids": token_ids.to(device),
             "ranks": torch.arange(min(MAX_CANDIDATES, vocab_size), dtype=torch.int32).to(device),
             "word_index": (token_ids // 32).long().to(device),
-            "bit_index": (token_ids % 32).to(device),
+            # 1 << (t % 32) as int32 (bit 31 is the sign bit): tested with `&`, never a shift,
+            # since XLA shifts negative words arithmetically differently from eager torch.
+            "bit_values": torch.from_numpy(
+                (np.uint32(1) << (np.arange(vocab_size) % 32).astype(np.uint32)).view(np.int32)).to(device),
             "history_positions": torch.arange(history_len, dtype=torch.int32).to(device)}
 
 
@@ -129,11 +132,12 @@ def _per_token(ids: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Ten
 
 def adjust_logits(logits: torch.Tensor, presence, frequency, repetition, bias_ids, bias_values,
                   history_ids, prompt_lens, bitmask, *, word_index: torch.Tensor,
-                  bit_index: torch.Tensor, history_positions: torch.Tensor) -> torch.Tensor:
+                  bit_values: torch.Tensor, history_positions: torch.Tensor) -> torch.Tensor:
     """logits: [N, V] float32 -> [N, V]. vLLM's order and formulas: additive bias (logit_bias,
     min_tokens' bans); repetition penalty on every token of prompt or output (positive logits
     divided, negative multiplied); minus frequency x output count, minus presence x (count > 0);
-    then the grammar's bitmask, -inf where a token's bit is 0."""
+    then the grammar's bitmask, -inf where a token's bit is 0 (the word picked per token by
+    `index_select`, its bit tested with `&`)."""
     vocab = logits.shape[-1]
     logits = logits + _per_token(bias_ids, bias_values, vocab)
     is_output = (history_positions[None, :] >= prompt_lens[:, None]).float()  # [N, L]
@@ -142,14 +146,14 @@ def adjust_logits(logits: torch.Tensor, presence, frequency, repetition, bias_id
     rep = repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0).float()
-    allowed = ((bitmask.index_select(1, word_index) >> bit_index[None, :]) & 1) == 1  # [N, V]
+    allowed = (bitmask.index_select(1, word_index) & bit_values[None, :]) != 0  # [N, V]
     return torch.where(allowed, logits, torch.full_like(logits, float("-inf")))
 
 
 def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, step, presence,
            frequency, repetition, bias_ids, bias_values, history_ids, prompt_lens, bitmask, *,
            token_ids: torch.Tensor, ranks: torch.Tensor, word_index: torch.Tensor,
-           bit_index: torch.Tensor, history_positions: torch.Tensor) -> torch.Tensor:
+           bit_values: torch.Tensor, history_positions: torch.Tensor) -> torch.Tensor:
     """logits: [N, V] float32, adjusted first (`adjust_logits`). Returns [N, 2 + 2*MAX_TOP_LOGPROBS] float32, one row per
     sequence: sampled token id, its logprob, top token ids, top logprobs (ids are exact in
     float32 for vocabularies under 2**24). One output tensor: one transfer to the host.
@@ -160,7 +164,7 @@ def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, st
     vocab = logits.shape[-1]
     logits = adjust_logits(logits, presence, frequency, repetition, bias_ids, bias_values,
                            history_ids, prompt_lens, bitmask, word_index=word_index,
-                           bit_index=bit_index, history_positions=history_positions)
+                           bit_values=bit_values, history_positions=history_positions)
     logprobs = torch.log_softmax(logits, dim=-1)
     greedy = torch.argmax(logits, dim=-1)
 

@@ -1,8 +1,10 @@
 """The sampler's logit adjustments against numpy: logit_bias and min_tokens' bans, vLLM's
 repetition / frequency / presence penalties, and the grammar bitmask (xgrammar's layout).
-Rows with neutral padding are unchanged, so one graph serves rows with and without them."""
+Rows with neutral padding are unchanged, so one graph serves rows with and without them.
+Run on eager torch and on the XLA device (PJRT CPU): the two differ in integer corners."""
 
 import numpy as np
+import pytest
 import torch
 
 from decoder_service.sampler import SamplingRows, bitmask_words, index_tensors, sample, unpack
@@ -33,13 +35,22 @@ def _bitmask_row(allowed):
     return words.view(np.int32)
 
 
-def _run(logits, rows):
-    out = sample(torch.from_numpy(logits), **rows.to(torch.device("cpu")),
-                 **index_tensors(VOCAB, torch.device("cpu"), HISTORY))
-    return unpack(out.numpy(), len(logits))
+@pytest.fixture(params=["cpu", "xla"])
+def device(request):
+    if request.param == "cpu":
+        return torch.device("cpu")
+    from runtime.device import open_device
+
+    return open_device("xla").torch_device
 
 
-def test_penalties_bias_and_bitmask_follow_vllms_formulas():
+def _run(logits, rows, device):
+    out = sample(torch.from_numpy(logits).to(device), **rows.to(device),
+                 **index_tensors(VOCAB, device, HISTORY))
+    return unpack(out.cpu().numpy(), len(logits))
+
+
+def test_penalties_bias_and_bitmask_follow_vllms_formulas(device):
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((5, VOCAB)) * 3).astype(np.float32)
     rows = SamplingRows.padding(5, VOCAB, HISTORY)
@@ -60,7 +71,7 @@ def test_penalties_bias_and_bitmask_follow_vllms_formulas():
             rows.set_bias(i, list(case["bias"]))
         if "allowed" in case:
             rows.bitmask[i] = _bitmask_row(case["allowed"])
-    sampled = _run(logits, rows)
+    sampled = _run(logits, rows, device)
     for i, case in enumerate(cases + [{}]):
         expected = _adjusted_by_numpy(logits[i], **case)
         logprobs = expected - np.logaddexp.reduce(expected[np.isfinite(expected)])
@@ -73,7 +84,7 @@ def test_penalties_bias_and_bitmask_follow_vllms_formulas():
     assert sampled[3].token_id in cases[3]["allowed"]
 
 
-def test_the_bitmask_confines_sampled_tokens_and_leaves_other_rows_alone():
+def test_the_bitmask_confines_sampled_tokens_and_leaves_other_rows_alone(device):
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((2, VOCAB)).astype(np.float32)
     allowed = (5, 40, 41)
@@ -85,7 +96,7 @@ def test_the_bitmask_confines_sampled_tokens_and_leaves_other_rows_alone():
         free = SamplingRows.padding(2, VOCAB, HISTORY)
         for i in range(2):
             free.set_row(i, temperature=1.0, top_p=1.0, top_k=VOCAB, seed=seed, step=3)
-        constrained, unconstrained = _run(logits, rows), _run(logits, free)
+        constrained, unconstrained = _run(logits, rows, device), _run(logits, free, device)
         assert constrained[0].token_id in allowed
         assert constrained[1].token_id == unconstrained[1].token_id  # its neighbour is unchanged
         assert constrained[1].logprob == unconstrained[1].logprob
