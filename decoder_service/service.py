@@ -122,6 +122,10 @@ class DecoderService:
             raise RequestError("prompt_token_ids: must be a non-empty list of token ids")
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise RequestError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"{name}: token ids must be in [0, {vocab})")
         max_len = self.shapes.max_model_len
         if len(prompt) + params.max_tokens > max_len:
             raise RequestError(
@@ -157,13 +161,7 @@ class DecoderService:
                         stop_ids=(self.eos_token_id, *params.stop_token_ids))
 
     async def _grammar(self, params: SamplingParams) -> GrammarState | None:
-        """The sequence's grammar state (compiled off the event loop), after the checks that
-        need the vocabulary."""
-        vocab = self.runner.vocab_size
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
-                          ("stop_token_ids", params.stop_token_ids)):
-            if any(not 0 <= t < vocab for t in ids):
-                raise RequestError(f"{name}: token ids must be in [0, {vocab})")
+        """The sequence's grammar state, compiled off the event loop."""
         if params.response_format is None:
             return None
         if params.min_tokens:  # min_tokens bans EOS, which ends a grammar: they cannot both hold

@@ -54,7 +54,13 @@ def _stats():
     return serve.get_app_handle(APP).stats.remote().result()
 
 
+EXTENSIONS = ("min_tokens", "repetition_penalty", "ignore_eos", "top_k")  # not in OpenAI's client
+
+
 def _chat(client, messages=QUESTION, **kwargs):
+    extra = {k: kwargs.pop(k) for k in EXTENSIONS if k in kwargs}
+    if extra:
+        kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
     return client.chat.completions.create(model="llava-tiny", messages=messages, **kwargs)
 
 
