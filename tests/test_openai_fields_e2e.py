@@ -194,12 +194,18 @@ def test_biases_and_min_tokens_act_and_nothing_compiles_with_everything_mixed(cl
     assert banned.choices[0].finish_reason == "stop"
     assert banned.usage.completion_tokens == 6  # 5 tokens, then the favoured EOS
 
-    plain = _chat(client, max_tokens=16, temperature=0.0, ignore_eos=True)
-    penalised = _chat(client, max_tokens=16, temperature=0.0, ignore_eos=True,
-                      frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=2.0)
-    words = penalised.choices[0].message.content.split()
-    assert penalised.choices[0].message.content != plain.choices[0].message.content
-    assert len(set(words)) >= len(set(plain.choices[0].message.content.split()))
+    # A bias makes greedy repeat "cat"; each penalty, growing with the repeats, cuts that.
+    def cats(**penalty):
+        tokens = [t.token for t in _chat(
+            client, max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True,
+            logit_bias={str(cat): 20}, **penalty).choices[0].logprobs.content]
+        return tokens.count("cat"), tokens[0]
+    plain, _ = cats()
+    assert plain >= 10
+    for penalty in (dict(frequency_penalty=2.0), dict(frequency_penalty=1.0, presence_penalty=2.0),
+                    dict(repetition_penalty=10.0)):
+        count, first = cats(**penalty)
+        assert first == "cat" and count < plain, penalty  # the first is not penalised yet
 
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
     requests = [dict(response_format=schema, temperature=0.8, seed=1, n=2),
@@ -247,3 +253,20 @@ def test_informational_fields_are_accepted_and_bad_formats_refused(client):
         with pytest.raises(BadRequestError) as refused:
             _chat(client, max_tokens=4, **kwargs)
         assert field in refused.value.body["message"], (kwargs, refused.value.body)
+
+
+def test_a_streamed_schema_answer_about_a_photo_validates(client, photos):
+    from tests.support import image_data_url
+
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_data_url(photos[2])}},
+        {"type": "text", "text": "which animal is this, how many, indoors?"}]}]
+    schema = {"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA}}
+    text, finish = "", None
+    for chunk in _chat(client, messages=messages, max_tokens=60, temperature=0.0, stream=True,
+                       response_format=schema):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
