@@ -6,6 +6,11 @@ step, and the decode step against its memory-bandwidth floor.
 It drives the model runner directly (no scheduler), one graph per measured shape;
 the first call of a shape compiles it and is reported separately. Prefill is measured
 at the step budget's chunk sizes (128 and 256 tokens, the latter with one image).
+
+`--grammar` instead measures what structured outputs cost: decode tokens/s at batch 16
+over `--grammar-steps` steps, with every row under a JSON schema (host: xgrammar fills
+each row's bitmask, then accepts the sampled token) against the same loop with none
+(the device applies an all-allowed bitmask either way: one graph).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 from benchmarks.common import copy_bandwidth_gbps, machine, machine_line  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
 from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need  # noqa: E402
+from decoder_service.sampler import unpack  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
 from decoder_service.scheduler import Chunk  # noqa: E402
 from decoder_service.sequence import Sequence, image_spans  # noqa: E402
@@ -66,6 +72,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--grammar", action="store_true", help="the JSON-schema bitmask's cost")
+    parser.add_argument("--grammar-steps", type=int, default=24)
     args = parser.parse_args()
 
     checkpoint = open_checkpoint(str(cached_demo_checkpoint(args.size)))
@@ -83,6 +91,10 @@ def main() -> None:
 
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     bs = shapes.block_size
+    if args.grammar:
+        print(grammar_report(grammar_decode(runner, checkpoint, device, args.grammar_steps, rng),
+                             results))
+        return
     for batch in (1, 4, 16):
         seqs, next_block = [], 1
         for i in range(batch):  # each sequence owns its own blocks: no sharing flatters the step
@@ -128,6 +140,66 @@ def main() -> None:
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+SCHEMA = ('{"type":"object","properties":{"name":{"type":"string"},"count":{"type":"integer"},'
+          '"tags":{"type":"array","items":{"type":"string"}}},"required":["name","count","tags"]}')
+
+
+def grammar_decode(runner, checkpoint, device, steps: int, rng, batch: int = 16) -> dict:
+    """Decode tokens/s at `batch` rows, all under SCHEMA or none; host work included."""
+    from transformers import AutoTokenizer
+
+    from decoder_service.grammar import Grammars
+    from runtime.messages import ResponseFormat
+
+    shapes = runner.shapes
+    eos = checkpoint.config.text_config.eos_token_id
+    grammars = Grammars(AutoTokenizer.from_pretrained(checkpoint.path), runner.vocab_size, eos)
+    fmt = ResponseFormat("json_schema", SCHEMA)
+    params = SamplingParams(max_tokens=steps, temperature=0.0)
+    out = {}
+    for constrained in (False, True, False, True):  # alternated: drift on a shared machine
+        seqs, next_block = [], 1
+        for i in range(batch):
+            context = 128 + i
+            seq = Sequence(f"g{i}", rng.integers(1000, 20000, size=context).tolist(), params, seed=i,
+                           grammar=grammars.matcher(fmt) if constrained else None)
+            seq.block_table = list(range(next_block, next_block + -(-(context + steps) // shapes.block_size)))
+            next_block += len(seq.block_table)
+            seqs.append(seq)
+        graph = tuple(pad_to_bucket(n, b) for n, b in zip(
+            (batch, -(-(128 + batch + steps) // shapes.block_size)),
+            (shapes.decode_batch_buckets, shapes.block_buckets)))
+        runner.decode(build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size))  # compile
+        host_s, t0 = 0.0, time.perf_counter()
+        for _ in range(steps):
+            h0 = time.perf_counter()
+            inputs = build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)  # fills
+            host_s += time.perf_counter() - h0
+            rows = unpack(runner.decode(inputs), batch)
+            h0 = time.perf_counter()
+            for seq, row in zip(seqs, rows):
+                seq.output_ids.append(row.token_id)
+                if seq.grammar is not None:
+                    seq.grammar.accept(row.token_id)
+                    if seq.grammar.is_terminated:  # the object is complete: start another
+                        seq.grammar = grammars.matcher(fmt)
+            host_s += time.perf_counter() - h0
+        key = "json_schema" if constrained else "none"
+        rate = batch * steps / (time.perf_counter() - t0)
+        out.setdefault(key, []).append(rate)
+        out.setdefault(f"{key}_host_ms", []).append(host_s / steps * 1e3)
+    return {k: (min(v) if k.endswith("_host_ms") else max(v)) for k, v in out.items()}
+
+
+def grammar_report(rates: dict, r: dict) -> str:
+    return (f"decoder, {r['size']} checkpoint, {r['device']}; {r['machine']}\n"
+            f"decode at batch 16, every row under a JSON schema: {rates['json_schema']:.1f} tokens/s; "
+            f"no grammar: {rates['none']:.1f} tokens/s "
+            f"({rates['json_schema'] / rates['none']:.2f}x; best of two runs each); host inputs + "
+            f"token accept per step: {rates['json_schema_host_ms']:.2f} ms with the schema, "
+            f"{rates['none_host_ms']:.2f} ms without")
 
 
 def report(r: dict) -> str:

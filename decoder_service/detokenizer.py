@@ -5,15 +5,21 @@ tokens, so multi-token characters and WordPiece joins come out right. Text that
 ends in an incomplete character (U+FFFD) is held back, and so are the last
 `len(longest stop string) - 1` characters, which could be the start of a stop
 string; both are flushed when the sequence ends. A stop string ends the sequence
-and is cut from the output, together with anything after it.
+and is cut from the output, together with anything after it. `decode` replaces the
+tokenizer's decode where the text is defined otherwise (grammar-constrained output:
+`grammar.GrammarState.decode`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), *,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
         self._tokenizer = tokenizer
+        self._decode_ids = decode
         self._stop = stop
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._ids: list[int] = []
@@ -21,6 +27,8 @@ class IncrementalDetokenizer:
         self.stopped = False  # a stop string was found
 
     def _decode(self) -> str:
+        if self._decode_ids is not None:
+            return self._decode_ids(self._ids)
         return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:

@@ -149,8 +149,9 @@ class Engine:
                     self._deliver(sink, DecoderStepError(
                         f"request id {seq.request_id!r} is already running in this decoder"))
                     continue
+                decode = seq.grammar.decode if seq.grammar is not None else None
                 self._requests[seq.request_id] = Request(
-                    seq, IncrementalDetokenizer(self.tokenizer, seq.sampling.stop), sink)
+                    seq, IncrementalDetokenizer(self.tokenizer, seq.sampling.stop, decode=decode), sink)
                 self.scheduler.add(seq)
             elif (request := self._requests.pop(arg, None)) is not None:
                 self.scheduler.finish(request.seq)
@@ -235,7 +236,11 @@ class Engine:
         seq.output_ids.append(token)
         self.tokens_generated += 1
         finish = None
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
+            finish, text = "stop", ""
+        elif seq.grammar is not None and seq.grammar.is_terminated:  # its stop token was taken
             finish, text = "stop", ""
         else:
             text = request.detokenizer.add(token)
@@ -249,7 +254,8 @@ class Engine:
         logprobs = None
         if params.logprobs:
             k = params.top_logprobs
-            top = tuple((int(i), float(p)) for i, p in zip(row.top_ids[:k], row.top_logprobs[:k]))
+            top = tuple((int(i), float(p)) for i, p in zip(row.top_ids[:k], row.top_logprobs[:k])
+                        if p > float("-inf"))  # tokens a grammar or bias ruled out are not listed
             logprobs = (TokenLogprob(token, row.logprob, top),)
         chunk = GenerateChunk(seq.request_id, text, (token,), logprobs, finish,
                               len(seq.prompt_ids), len(seq.output_ids))

@@ -40,11 +40,11 @@ class DecodeInputs:
         return self.block_tables.shape
 
     @classmethod
-    def padding(cls, batch: int, blocks: int, vocab_size: int) -> DecodeInputs:
+    def padding(cls, batch: int, blocks: int, shapes: DecoderShapes, vocab_size: int) -> DecodeInputs:
         def zeros():
             return np.zeros(batch, np.int64)
         return cls(zeros(), zeros(), zeros(), zeros(), np.zeros((batch, blocks), np.int64), zeros(),
-                   SamplingRows.padding(batch, vocab_size))
+                   SamplingRows.padding(batch, vocab_size, shapes.max_model_len))
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,24 @@ class PrefillInputs:
                    np.zeros((tokens, hidden_size), np.float32), np.zeros(tokens, bool),
                    np.zeros(blocks, np.int64), np.full(keys, NO_SEQ_KEY, np.int64),
                    np.zeros(keys, np.int64), np.zeros(shapes.max_prefill_seqs, np.int64),
-                   SamplingRows.padding(shapes.max_prefill_seqs, vocab_size))
+                   SamplingRows.padding(shapes.max_prefill_seqs, vocab_size, shapes.max_model_len))
 
 
 def _set_sampling(rows: SamplingRows, i: int, seq: Sequence, vocab_size: int) -> None:
     p = seq.sampling
     rows.set_row(i, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or vocab_size,
                  seed=seq.seed, step=len(seq.output_ids))
+    if p.has_penalties:  # the history is only copied for rows that read it
+        rows.set_penalties(i, presence=p.presence_penalty, frequency=p.frequency_penalty,
+                           repetition=p.repetition_penalty, prompt_ids=seq.prompt_ids,
+                           output_ids=seq.output_ids)
+    bias = list(p.logit_bias)
+    if len(seq.output_ids) < p.min_tokens:
+        bias += [(t, float("-inf")) for t in seq.stop_ids]
+    if bias:
+        rows.set_bias(i, bias)
+    if seq.grammar is not None:
+        seq.grammar.fill(rows.bitmask, i)
 
 
 def decode_need(seqs: list[Sequence], shapes: DecoderShapes) -> tuple[int, int]:
@@ -103,7 +114,7 @@ def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, graph: tuple[in
     bs = shapes.block_size
     batch, blocks = graph
     context = [s.num_tokens for s in seqs]  # the fed token included
-    inputs = DecodeInputs.padding(batch, blocks, vocab_size)
+    inputs = DecodeInputs.padding(batch, blocks, shapes, vocab_size)
     for i, s in enumerate(seqs):
         position = s.num_tokens - 1
         inputs.token_ids[i] = s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]

@@ -70,7 +70,8 @@ class ModelRunner:
             # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
             positions = self.shapes.max_blocks_per_seq * self.shapes.block_size
             self.key_positions = torch.arange(positions).to(device.torch_device)
-            self.sampler_indices = index_tensors(self.vocab_size, device.torch_device)
+            self.sampler_indices = index_tensors(self.vocab_size, device.torch_device,
+                                                 self.shapes.max_model_len)
             self.cache = PagedKVCache(
                 num_layers=len(self.model.layers), num_blocks=self.shapes.num_blocks,
                 block_size=self.shapes.block_size, num_kv_heads=self.model.num_kv_heads,
@@ -136,7 +137,7 @@ class ModelRunner:
             inputs = PrefillInputs.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
             trace = self._prefill
         else:
-            inputs = DecodeInputs.padding(*graph, self.vocab_size)
+            inputs = DecodeInputs.padding(*graph, self.shapes, self.vocab_size)
             trace = self._decode
         with self.guard.compiling():
             out = trace(inputs)  # kept and read back, as a step does: else the graph differs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, a chain
     num_computed: int = 0  # tokens whose KV is in the pool
     prefilled: bool = False  # every known token was computed once: the sequence decodes
+    grammar: Any = None  # grammar.GrammarState under response_format, else None
+    stop_ids: tuple[int, ...] = ()  # EOS and stop_token_ids: banned until min_tokens are out
 
     @property
     def num_tokens(self) -> int:

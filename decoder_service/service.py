@@ -24,13 +24,20 @@ import numpy as np
 from decoder_service.block_manager import BlockManager
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderStepError, Engine
+from decoder_service.grammar import Grammars, GrammarState
 from decoder_service.runner import ModelRunner
 from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
 from runtime.checkpoint import open_checkpoint
 from runtime.device import open_device
 from runtime.geometry import tokens_per_image
-from runtime.messages import EmbeddingMismatchError, GenerateChunk, GenerateRequest, RequestError
+from runtime.messages import (
+    EmbeddingMismatchError,
+    GenerateChunk,
+    GenerateRequest,
+    RequestError,
+    SamplingParams,
+)
 from runtime.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,7 @@ class DecoderService:
         eos = checkpoint.config.text_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+        self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_token_id)
         self.runner.warm_up(full=config.full_warmup)
         blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
                               config.enable_prefix_caching)
@@ -114,6 +122,10 @@ class DecoderService:
             raise RequestError("prompt_token_ids: must be a non-empty list of token ids")
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise RequestError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"{name}: token ids must be in [0, {vocab})")
         max_len = self.shapes.max_model_len
         if len(prompt) + params.max_tokens > max_len:
             raise RequestError(
@@ -143,5 +155,15 @@ class DecoderService:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         spans = image_spans(prompt, self.image_token_id, rows,
                             [ref.meta.image_hash for ref in request.images])
+        grammar = await self._grammar(params)
         return Sequence(request.request_id, prompt.tolist(), params, seed, images=spans,
-                        image_rows=image_rows)
+                        image_rows=image_rows, grammar=grammar,
+                        stop_ids=(self.eos_token_id, *params.stop_token_ids))
+
+    async def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """The sequence's grammar state, compiled off the event loop."""
+        if params.response_format is None:
+            return None
+        if params.min_tokens:  # min_tokens bans EOS, which ends a grammar: they cannot both hold
+            raise RequestError("min_tokens: cannot be combined with response_format")
+        return await asyncio.to_thread(self.grammars.matcher, params.response_format)

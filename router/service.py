@@ -4,7 +4,7 @@ Per request: render and tokenize the prompt; load each image's bytes; key them
 (`runtime.image_key`, the encoder's own key); images the router has seen recently
 reuse their embedding reference and skip the encoder; the rest go to the encoder
 in one call; then token ids plus references go to a decoder replica, whose chunks
-stream back.
+stream back. With `n` > 1 each choice is its own decoder sequence (`router.choices`).
 
 Faults, each retried once where nothing has reached the client yet: an encoder call
 whose replica died (`ServiceUnavailable` from the client) or that reports a
@@ -30,12 +30,14 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
+from router.choices import choice_seed, merge_choices
 from router.images import FetchPolicy, ImageInputError, image_size, load_image
 from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
@@ -51,6 +53,7 @@ from runtime.messages import (
     GenerateRequest,
     ItemError,
     RequestError,
+    ResponseFormat,
     SamplingParams,
 )
 
@@ -106,11 +109,21 @@ MAX_PROMPT_CHARS_PER_TOKEN = 32
 
 @dataclass(frozen=True)
 class _Prepared:
-    request: GenerateRequest
+    request: GenerateRequest  # choice 0's; `choice(i)` gives the others
+    n: int
     blobs: list[bytes]  # the images' original bytes, kept to encode again if needed
     fields: list[str]
     image_tokens: list[int]  # placeholders per image: what each embedding must have
     arrived: float  # time.monotonic() when the request arrived
+
+    def choice(self, index: int) -> _Prepared:
+        request = self.request
+        if index:
+            request = dataclasses.replace(
+                request, request_id=f"{request.request_id}-{index}",
+                sampling=dataclasses.replace(request.sampling,
+                                             seed=choice_seed(request.sampling.seed, index)))
+        return dataclasses.replace(self, request=request)
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ class RouterConfig:
     max_images_per_request: int = 4
     fetch: FetchPolicy = FetchPolicy()
     known_refs: int = 1024  # image keys whose references the router remembers
+    max_choices: int = 8  # the largest `n` a request may ask for
 
 
 class RouterService:
@@ -151,8 +165,11 @@ class RouterService:
     async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
         request_id = request_id or completion_id()
         prepared = await self._prepare(body, request_id)
-        chunks = [chunk async for chunk in self._generate(prepared)]
-        return self.responses.completion(request_id, chunks, body.logprobs)
+        choices: list[list[GenerateChunk]] = [[] for _ in range(prepared.n)]
+        async with aclosing(self._choices(prepared)) as merged:
+            async for index, chunk in merged:
+                choices[index].append(chunk)
+        return self.responses.completion(request_id, choices, body.logprobs)
 
     async def stream(self, body: ChatCompletionRequest,
                      request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -165,14 +182,15 @@ class RouterService:
         request_id = prepared.request.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created = now()
-        yield self.responses.first_chunk(request_id, created)
-        last = None
-        async for chunk in self._generate(prepared):
-            last = chunk
-            if chunk.text or chunk.finish_reason or chunk.logprobs:
-                yield self.responses.delta_chunk(request_id, created, chunk, body.logprobs)
-        if include_usage and last is not None:
-            yield self.responses.usage_chunk(request_id, created, last)
+        yield self.responses.first_chunk(request_id, created, prepared.n)
+        lasts: dict[int, GenerateChunk] = {}
+        async with aclosing(self._choices(prepared)) as merged:  # a client gone stops every choice
+            async for index, chunk in merged:
+                lasts[index] = chunk
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    yield self.responses.delta_chunk(request_id, created, index, chunk, body.logprobs)
+        if include_usage and len(lasts) == prepared.n:
+            yield self.responses.usage_chunk(request_id, created, [lasts[i] for i in range(prepared.n)])
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.config.served_model_name, self.config.model_id):
@@ -192,6 +210,12 @@ class RouterService:
     async def _prepare(self, body: ChatCompletionRequest, request_id: str) -> _Prepared:
         arrived = time.monotonic()
         self.check_model(body.model)
+        refused = body.refused_fields()
+        if refused:
+            raise RequestError(f"{refused[0]}: not supported by this server (fields refused: "
+                               f"{', '.join(refused)})")
+        if body.n > self.config.max_choices:
+            raise RequestError(f"n: at most {self.config.max_choices} choices, got {body.n}")
         self.check_prompt_size(body)
         loop = asyncio.get_running_loop()
         rendered = await loop.run_in_executor(self._tokenizing, self.prompts.render, body.messages)
@@ -221,7 +245,12 @@ class RouterService:
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
             seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos,
-            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0, min_tokens=body.min_tokens or 0,
+            logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
+            response_format=self._response_format(body))
         if blobs is None:
             blobs = await self._load_images(prompt.images)
         fields = [s.field for s in prompt.images]
@@ -229,7 +258,7 @@ class RouterService:
         request = GenerateRequest(request_id, tuple(prompt.token_ids), tuple(refs), sampling)
         log.info("request %s: %d prompt tokens, %d image(s), max_tokens %d", request_id,
                  len(prompt.token_ids), len(refs), max_tokens)
-        return _Prepared(request, blobs, fields, image_tokens, arrived)
+        return _Prepared(request, body.n, blobs, fields, image_tokens, arrived)
 
     async def _load_images(self, slots) -> list[bytes]:
         return list(await asyncio.gather(*(load_image(s.url, s.field, self.config.fetch, self._http)
@@ -237,6 +266,13 @@ class RouterService:
 
     def _image_tokens(self, blobs: list[bytes], fields: list[str]) -> list[int]:
         return [self.prompts.image_tokens(image_size(b, f)) for b, f in zip(blobs, fields)]
+
+    @staticmethod
+    def _response_format(body: ChatCompletionRequest) -> ResponseFormat | None:
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return ResponseFormat(fmt.type, fmt.schema_text() if fmt.type == "json_schema" else "")
 
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
@@ -304,6 +340,9 @@ class RouterService:
         self._known.move_to_end(key)
         while len(self._known) > self.config.known_refs:
             self._known.popitem(last=False)
+
+    def _choices(self, prepared: _Prepared) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        return merge_choices(prepared.n, lambda index: self._generate(prepared.choice(index)))
 
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
         """Decoder chunks. A failure before the first chunk (an embedding lost with its owner,

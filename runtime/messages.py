@@ -83,6 +83,24 @@ class ItemError:
 
 
 MAX_TOP_LOGPROBS = 5
+MAX_LOGIT_BIAS = 300  # entries of `logit_bias` (OpenAI's own limit)
+MAX_STOP_TOKEN_IDS = 8
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: `json_object` (any JSON object) or `json_schema` (one that validates
+    against `schema`, a JSON Schema as canonical JSON text: the grammar cache's key)."""
+
+    kind: str  # "json_object" or "json_schema"
+    schema: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_object", "json_schema"):
+            raise RequestError(f"response_format.type: {self.kind!r} is not json_object or "
+                               "json_schema")
+        if self.kind == "json_schema" and not self.schema:
+            raise RequestError("response_format.json_schema.schema: required for json_schema")
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,19 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Penalties as in vLLM: repetition divides positive / multiplies negative logits of every
+    # token seen (prompt or output); frequency and presence subtract per output occurrence / once.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are out
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    response_format: ResponseFormat | None = None
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> RequestError:
@@ -120,6 +151,21 @@ class SamplingParams:
             raise bad("top_logprobs", "needs logprobs=true")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be at most 8 non-empty strings")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(self.stop_token_ids)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, f"must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], "
+                                    f"got {self.min_tokens!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"token {token}: bias must be in [-100, 100], got {bias!r}")
 
 
 @dataclass(frozen=True)

@@ -336,14 +336,14 @@ def test_detokenizer_holds_back_a_possible_stop_prefix_until_the_end():
 
 
 def _rows(n, temperature=1.0, top_p=1.0, top_k=0, seed=0, step=0, vocab=50):
-    rows = SamplingRows.padding(n, vocab)
+    rows = SamplingRows.padding(n, vocab, history_len=8)
     for i in range(n):
         rows.set_row(i, temperature=temperature, top_p=top_p, top_k=top_k or vocab, seed=seed, step=step)
     return rows.to(torch.device("cpu"))
 
 
 def _sample(logits, rows):
-    return sample(logits, **rows, **index_tensors(logits.shape[-1], torch.device("cpu")))
+    return sample(logits, **rows, **index_tensors(logits.shape[-1], torch.device("cpu"), 8))
 
 
 def test_sampler_greedy_top_k_and_top_p_limits():

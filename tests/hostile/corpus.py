@@ -165,7 +165,12 @@ CASES: list[Case] = [
          param="top_logprobs"),
     Case("top_logprobs_without_logprobs", lambda c: chat(top_logprobs=2), 400, param="top_logprobs",
          message="logprobs"),
-    Case("several_choices", lambda c: chat(n=4), 400, param="n"),
+    Case("too_many_choices", lambda c: chat(n=9), 400, param="n"),  # max_choices is 8
+    Case("tools_are_not_supported", lambda c: chat(tools=[{"type": "function", "function": {
+        "name": "f"}}]), 400, param="tools"),
+    Case("unknown_field", lambda c: chat(max_token=5), 400, param="max_token"),
+    Case("uncompilable_schema", lambda c: chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}), 400, param="response_format.json_schema.schema"),
     Case("too_many_stop_strings", lambda c: chat(stop=[f"s{i}" for i in range(20)]), 400, param="stop"),
     # text that is valid JSON but not valid Unicode
     Case("lone_surrogate_in_text", lambda c: raw(b'{"messages": [{"role": "user", "content": '
