@@ -2,9 +2,15 @@
 
 Per request: render and tokenize the prompt; load each image's bytes; key them
 (`runtime.image_key`, the encoder's own key); images the router has seen recently
-reuse their embedding reference and skip the encoder; the rest go to the encoder
-in one call; then token ids plus references go to a decoder replica, whose chunks
-stream back.
+reuse their embedding reference and skip the encoder; the rest go to the encoder,
+one call per image carrying its key as `route_key`, so a request's images split
+across the encoder replicas that own them (`deploy/affinity.py`; the encoder's
+batcher gathers concurrent calls into one device batch again); then token ids plus
+references go to a decoder replica, whose chunks stream back.
+
+The references the router remembers keep their objects alive in Ray's object store
+after the encoder evicted them, so they count in bytes against `known_refs_bytes`
+(least recently used dropped first), one of the budgets in docs/deploy.md.
 
 Faults, each retried once where nothing has reached the client yet: an encoder call
 whose replica died (`ServiceUnavailable` from the client) or that reports a
@@ -17,7 +23,8 @@ again. A second failure, or one after the first chunk, ends the request with
 
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
 thread (a long prompt must not stall other requests; the tokenizer is not shared
-across threads). The encoder and decoder are reached through the small client
+across threads); base64 decoding and hashing of images run on the loop's default
+thread pool (a 20 MiB image must not stall them either). The encoder and decoder are reached through the small client
 protocols below, so the same class serves behind Ray Serve handles (`deploy/`) or
 in one process (tests, colocated layout).
 """
@@ -41,6 +48,7 @@ from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
 from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
 from runtime.checkpoint import open_config
+from runtime.embedding_dtype import embedding_bytes
 from runtime.geometry import geometry_of
 from runtime.image_key import image_cache_key
 from runtime.messages import (
@@ -57,8 +65,9 @@ log = logging.getLogger(__name__)
 
 
 class EncoderClient(Protocol):
-    async def encode(self, images: list[bytes], request_id: str, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]: ...
+    async def encode(self, images: list[bytes], request_id: str, *, refresh: bool = False,
+                     route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
+        """`route_key`: the images' key, for the encoder's request router (ignored elsewhere)."""
 
 
 class DecoderClient(Protocol):
@@ -82,6 +91,10 @@ class _Unobserved:
 
     def finished(self, outcome: str) -> None:
         pass
+
+
+def _ref_bytes(ref: EmbeddingRef) -> int:
+    return embedding_bytes(ref.meta.num_tokens, ref.meta.hidden_size, ref.meta.dtype)
 
 
 class ModelNotFound(LookupError):
@@ -120,7 +133,12 @@ class RouterConfig:
     max_model_len: int
     max_images_per_request: int = 4
     fetch: FetchPolicy = FetchPolicy()
-    known_refs: int = 1024  # image keys whose references the router remembers
+    known_refs_bytes: int = 64 << 20  # bytes of embeddings the router's references keep alive
+
+    def __post_init__(self) -> None:
+        if isinstance(self.known_refs_bytes, bool) or not isinstance(self.known_refs_bytes, int) \
+                or self.known_refs_bytes < 0:
+            raise ValueError(f"known_refs_bytes must be an integer >= 0, got {self.known_refs_bytes!r}")
 
 
 class RouterService:
@@ -137,11 +155,12 @@ class RouterService:
                                      self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
+        self._known_bytes = 0
         self._http = httpx.AsyncClient()
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="router-prompt")
         self.counters = {"router_image_hits": 0, "encoder_calls": 0, "images_encoded": 0,
                          "reencoded_lost": 0, "encoder_retries": 0, "decoder_retries": 0,
-                         "requests_generating": 0}
+                         "requests_generating": 0, "known_refs_bytes": 0}
 
     # --- public ------------------------------------------------------------------------
     async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
@@ -221,51 +240,58 @@ class RouterService:
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
 
+    async def _keys_off_loop(self, blobs: list[bytes]) -> list[str]:
+        return await asyncio.to_thread(self._keys, blobs)
+
     async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str, *,
                      refresh: bool = False) -> list[EmbeddingRef]:
-        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call.
-        `refresh`: the request's embeddings were lost; forget them here and in the encoder."""
-        keys = self._keys(blobs)
+        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call per
+        image (each routed by its key). `refresh`: the request's embeddings were lost; forget
+        them here and in the encoder."""
+        keys = await self._keys_off_loop(blobs)
         if refresh:
             for key in keys:
-                self._known.pop(key, None)
+                self._forget(key)
         known = {k: self._known[k] for k in keys if k in self._known}
         self.counters["router_image_hits"] += sum(k in known for k in keys)
         missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
         first_index = {k: keys.index(k) for k in missing}
-        retried = False  # one retry per request, for a failed call or for retryable item errors
+        retried = False  # one retry per request, for failed calls or for retryable item errors
         while missing:
-            try:
-                results = await self._encode([blobs[first_index[k]] for k in missing], request_id,
-                                             refresh=refresh)
-            except ServiceUnavailable as error:
-                if retried:
-                    raise
-                retried = self._count_retry("encoder", request_id, error)
-                continue
-            retry = []
-            for key, result in zip(missing, results):
+            outcomes = await asyncio.gather(
+                *(self._encode(blobs[first_index[k]], k, request_id, refresh=refresh) for k in missing),
+                return_exceptions=True)
+            retry, failures = [], []
+            for key, result in zip(missing, outcomes):
                 field = fields[first_index[key]]
+                if isinstance(result, ServiceUnavailable) and not retried:
+                    retry.append(key)
+                    failures.append(result)
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
                 if isinstance(result, ItemError) and not result.retryable:
                     raise ImageInputError(field, result.message)
                 if isinstance(result, ItemError) and retried:
                     raise ServiceUnavailable(f"{field}: the encoder failed twice: {result.message}")
                 if isinstance(result, ItemError):
                     retry.append(key)
+                    failures.append(result.message)
                     continue
                 known[key] = result
                 self._remember(key, result)
             if retry:
-                retried = self._count_retry("encoder", request_id, f"{len(retry)} item error(s)")
+                retried = self._count_retry("encoder", request_id, failures[0])
             missing = retry
         refs = [known[k] for k in keys]
         return refs  # type: ignore[return-value]
 
-    async def _encode(self, blobs: list[bytes], request_id: str, *,
-                      refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+    async def _encode(self, blob: bytes, key: str, request_id: str, *,
+                      refresh: bool = False) -> EmbeddingRef | ItemError:
         self.counters["encoder_calls"] += 1
-        self.counters["images_encoded"] += len(blobs)
-        return await self.encoder.encode(blobs, request_id, refresh=refresh)
+        self.counters["images_encoded"] += 1
+        [result] = await self.encoder.encode([blob], request_id, refresh=refresh, route_key=key)
+        return result
 
     def _count_retry(self, service: str, request_id: str, why) -> bool:
         log.warning("request %s: the %s failed (%s); trying again", request_id, service, why)
@@ -273,10 +299,24 @@ class RouterService:
         return True
 
     def _remember(self, key: str, ref: EmbeddingRef) -> None:
+        """Keeps `ref`, dropping the least recently used past `known_refs_bytes`; a reference
+        larger than the whole budget is not kept."""
+        self._forget(key)
+        size = _ref_bytes(ref)
+        if size > self.config.known_refs_bytes:
+            return
         self._known[key] = ref
-        self._known.move_to_end(key)
-        while len(self._known) > self.config.known_refs:
-            self._known.popitem(last=False)
+        self._known_bytes += size
+        while self._known_bytes > self.config.known_refs_bytes:
+            _, old = self._known.popitem(last=False)
+            self._known_bytes -= _ref_bytes(old)
+        self.counters["known_refs_bytes"] = self._known_bytes
+
+    def _forget(self, key: str) -> None:
+        old = self._known.pop(key, None)
+        if old is not None:
+            self._known_bytes -= _ref_bytes(old)
+            self.counters["known_refs_bytes"] = self._known_bytes
 
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
         """Decoder chunks. A failure before the first chunk (an embedding lost with its owner,
