@@ -12,14 +12,15 @@ The references the router remembers keep their objects alive in Ray's object sto
 after the encoder evicted them, so they count in bytes against `known_refs_bytes`
 (least recently used dropped first), one of the budgets in docs/deploy.md.
 
-Faults, each retried once where nothing has reached the client yet: an encoder call
+Faults, each retried where nothing has reached the client yet: an encoder call
 whose replica died (`ServiceUnavailable` from the client) or that reports a
 retryable item error is sent again; a decoder call that fails before its first
 chunk, because its replica died or an embedding vanished from the object store
 (`EmbeddingLostError`: its owner died or the object was lost; the request's images
 are encoded again first, the encoder told to drop its cached entries), is sent
-again. A second failure, or one after the first chunk, ends the request with
-`ServiceUnavailable` (a 503).
+again. A second failure ends the request with `ServiceUnavailable` (a 503); so does
+one after the first chunk of a stream, while a non-streaming completion, whose client
+has seen nothing, runs its whole generation once more.
 
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
 thread (a long prompt must not stall other requests; the tokenizer is not shared
@@ -35,7 +36,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,11 +44,11 @@ from typing import Protocol
 import httpx
 
 from router.images import FetchPolicy, ImageInputError, load_image
+from router.known_refs import KnownRefs
 from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
 from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
 from runtime.checkpoint import open_config
-from runtime.embedding_dtype import embedding_bytes
 from runtime.geometry import geometry_of
 from runtime.image_key import image_cache_key
 from runtime.messages import (
@@ -93,10 +93,6 @@ class _Unobserved:
         pass
 
 
-def _ref_bytes(ref: EmbeddingRef) -> int:
-    return embedding_bytes(ref.meta.num_tokens, ref.meta.hidden_size, ref.meta.dtype)
-
-
 class ModelNotFound(LookupError):
     pass
 
@@ -135,11 +131,6 @@ class RouterConfig:
     fetch: FetchPolicy = FetchPolicy()
     known_refs_bytes: int = 64 << 20  # bytes of embeddings the router's references keep alive
 
-    def __post_init__(self) -> None:
-        if isinstance(self.known_refs_bytes, bool) or not isinstance(self.known_refs_bytes, int) \
-                or self.known_refs_bytes < 0:
-            raise ValueError(f"known_refs_bytes must be an integer >= 0, got {self.known_refs_bytes!r}")
-
 
 class RouterService:
     def __init__(self, config: RouterConfig, encoder: EncoderClient, decoder: DecoderClient,
@@ -154,8 +145,7 @@ class RouterService:
         self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path),
                                      self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
-        self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
-        self._known_bytes = 0
+        self._known = KnownRefs(config.known_refs_bytes)
         self._http = httpx.AsyncClient()
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="router-prompt")
         self.counters = {"router_image_hits": 0, "encoder_calls": 0, "images_encoded": 0,
@@ -166,7 +156,17 @@ class RouterService:
     async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
         request_id = request_id or completion_id()
         prepared = await self._prepare(body, request_id)
-        chunks = [chunk async for chunk in self._generate(prepared)]
+        chunks: list[GenerateChunk] = []
+        try:
+            async for chunk in self._generate(prepared):
+                chunks.append(chunk)
+        except ServiceUnavailable as error:
+            if not chunks:  # _generate has retried a failure before the first chunk already
+                raise
+            # A decoder that died after the first chunk: nothing has reached this client yet,
+            # so the whole generation runs again, once (greedy or seeded: the same text).
+            self._count_retry("decoder", request_id, error)
+            chunks = [chunk async for chunk in self._generate(prepared)]
         return self.responses.completion(request_id, chunks, body.logprobs)
 
     async def stream(self, body: ChatCompletionRequest,
@@ -251,8 +251,9 @@ class RouterService:
         keys = await self._keys_off_loop(blobs)
         if refresh:
             for key in keys:
-                self._forget(key)
-        known = {k: self._known[k] for k in keys if k in self._known}
+                self._known.forget(key)
+            self.counters["known_refs_bytes"] = self._known.bytes
+        known = {k: ref for k in keys if (ref := self._known.get(k)) is not None}
         self.counters["router_image_hits"] += sum(k in known for k in keys)
         missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
         first_index = {k: keys.index(k) for k in missing}
@@ -299,24 +300,8 @@ class RouterService:
         return True
 
     def _remember(self, key: str, ref: EmbeddingRef) -> None:
-        """Keeps `ref`, dropping the least recently used past `known_refs_bytes`; a reference
-        larger than the whole budget is not kept."""
-        self._forget(key)
-        size = _ref_bytes(ref)
-        if size > self.config.known_refs_bytes:
-            return
-        self._known[key] = ref
-        self._known_bytes += size
-        while self._known_bytes > self.config.known_refs_bytes:
-            _, old = self._known.popitem(last=False)
-            self._known_bytes -= _ref_bytes(old)
-        self.counters["known_refs_bytes"] = self._known_bytes
-
-    def _forget(self, key: str) -> None:
-        old = self._known.pop(key, None)
-        if old is not None:
-            self._known_bytes -= _ref_bytes(old)
-            self.counters["known_refs_bytes"] = self._known_bytes
+        self._known.remember(key, ref)
+        self.counters["known_refs_bytes"] = self._known.bytes
 
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
         """Decoder chunks. A failure before the first chunk (an embedding lost with its owner,

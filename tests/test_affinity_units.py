@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from deploy.affinity import route_key
+from router.known_refs import KnownRefs
 from router.schemas import ChatCompletionRequest
-from router.service import RouterConfig, RouterService
+from router.service import RouterConfig, RouterService, ServiceUnavailable
 from runtime.affinity import Ring, choose
 from runtime.embedding_dtype import embedding_bytes, to_float32, to_stored
 from runtime.messages import EmbeddingMeta, EmbeddingRef, GenerateChunk, GenerateRequest, SamplingParams
@@ -139,6 +140,20 @@ async def test_remembered_references_stay_within_their_byte_budget(tiny_checkpoi
     await service.complete(_body(0))  # dropped long ago: encoded again
     assert len(encoder.calls) == 11 and service.counters["router_image_hits"] == 1
     with pytest.raises(ValueError, match="known_refs_bytes"):
-        RouterConfig(model_id="m", served_model_name="t", model_path="p", preprocess_fingerprint="f",
-                     max_model_len=8, known_refs_bytes=-1)
+        KnownRefs(-1)
     await service.close()
+
+
+async def test_a_completion_whose_decoder_dies_mid_generation_runs_again_on_another(tiny_checkpoint):
+    from tests.test_reliability_units import ScriptedDecoder, ScriptedEncoder, _body as one_image, _service
+
+    decoder = ScriptedDecoder("dies-mid-stream", "ok")
+    service = _service(tiny_checkpoint, ScriptedEncoder("ok"), decoder)
+    reply = await service.complete(one_image())  # not streamed: the client has seen nothing yet
+    assert reply.choices[0].message.content == "t0 t1 t2 " and reply.choices[0].finish_reason == "length"
+    assert len(decoder.requests) == 2 and service.counters["decoder_retries"] == 1
+    assert service.counters["requests_generating"] == 0
+    twice = _service(tiny_checkpoint, ScriptedEncoder("ok"),
+                     ScriptedDecoder("dies-mid-stream", "dies-mid-stream"))
+    with pytest.raises(ServiceUnavailable):  # once only
+        await twice.complete(one_image())
