@@ -55,6 +55,10 @@ class ImageAffinityRouter(RequestRouter):
         super().update_replicas(replicas)
         self._ring = Ring.of((r.replica_id.unique_id for r in replicas), self._virtual_nodes)
 
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)  # before the controller says so: its keys move now
+        self._ring = Ring.of((r.replica_id.unique_id for r in self._replicas_list), self._virtual_nodes)
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Ranks: the chosen replica, then the others least loaded first (tried in turn when
