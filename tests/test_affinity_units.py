@@ -157,3 +157,26 @@ async def test_a_completion_whose_decoder_dies_mid_generation_runs_again_on_anot
                      ScriptedDecoder("dies-mid-stream", "dies-mid-stream"))
     with pytest.raises(ServiceUnavailable):  # once only
         await twice.complete(one_image())
+
+
+def test_the_decoder_reads_bfloat16_embeddings_as_their_float32_widening(decoder_service):
+    import asyncio
+
+    from tests.support import collect
+
+    service = decoder_service
+    features = np.random.default_rng(7).standard_normal((16, service.hidden_size)).astype(np.float32)
+    stored = to_stored(features, "bfloat16")
+    prompt = (101, *[service.image_token_id] * 16, 1012, 2023, 2003)
+
+    def request(rid, dtype, array, key):
+        ref = EmbeddingRef(EmbeddingMeta(key, 16, service.hidden_size, dtype, service.model_id),
+                           service.store.put(array))
+        return GenerateRequest(rid, prompt, (ref,), SamplingParams(max_tokens=6, temperature=0.0,
+                                                                   ignore_eos=True))
+
+    # Different image keys, so neither reuses the other's KV prefix.
+    as_bf16, *_ = asyncio.run(collect(service, request("bf16", "bfloat16", stored, "b" * 64)))
+    widened, *_ = asyncio.run(collect(service, request("f32", "float32", to_float32(stored, "bfloat16"),
+                                                       "f" * 64)))
+    assert len(as_bf16) == 6 and as_bf16 == widened
