@@ -25,9 +25,9 @@ has seen nothing, runs its whole generation once more.
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
 thread (a long prompt must not stall other requests; the tokenizer is not shared
 across threads); base64 decoding and hashing of images run on the loop's default
-thread pool (a 20 MiB image must not stall them either). The encoder and decoder are reached through the small client
-protocols below, so the same class serves behind Ray Serve handles (`deploy/`) or
-in one process (tests, colocated layout).
+thread pool (a 20 MiB image must not stall them either). The encoder and decoder are
+reached through the small client protocols below, so the same class serves behind
+Ray Serve handles (`deploy/`) or in one process (tests, colocated layout).
 """
 
 from __future__ import annotations
@@ -240,15 +240,12 @@ class RouterService:
     def _keys(self, blobs: list[bytes]) -> list[str]:
         return [image_cache_key(b, self.config.model_id, self.config.preprocess_fingerprint) for b in blobs]
 
-    async def _keys_off_loop(self, blobs: list[bytes]) -> list[str]:
-        return await asyncio.to_thread(self._keys, blobs)
-
     async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str, *,
                      refresh: bool = False) -> list[EmbeddingRef]:
         """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call per
         image (each routed by its key). `refresh`: the request's embeddings were lost; forget
         them here and in the encoder."""
-        keys = await self._keys_off_loop(blobs)
+        keys = await asyncio.to_thread(self._keys, blobs)  # hashing MiBs: off the event loop
         if refresh:
             for key in keys:
                 self._known.forget(key)

@@ -180,3 +180,32 @@ def test_the_decoder_reads_bfloat16_embeddings_as_their_float32_widening(decoder
     widened, *_ = asyncio.run(collect(service, request("f32", "float32", to_float32(stored, "bfloat16"),
                                                        "f" * 64)))
     assert len(as_bf16) == 6 and as_bf16 == widened
+
+
+async def test_hashing_an_image_does_not_stall_the_event_loop(tiny_checkpoint, monkeypatch):
+    import asyncio
+    import time
+
+    import router.service
+
+    def slow_key(data, model_id, fingerprint):  # what hashing a 20 MiB image costs, or more
+        time.sleep(0.5)
+        return hashlib.blake2b(data).hexdigest()
+
+    monkeypatch.setattr(router.service, "image_cache_key", slow_key)
+    config = RouterConfig(model_id="m", served_model_name="tiny", model_path=str(tiny_checkpoint),
+                          preprocess_fingerprint="fp", max_model_len=256)
+    service = RouterService(config, KeyedEncoder(), EchoDecoder())
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await service.complete(_body(1))
+    task.cancel()
+    assert ticks >= 20  # the loop kept turning while the image was hashed (0.5 s)
+    await service.close()
