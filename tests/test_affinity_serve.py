@@ -169,7 +169,9 @@ async def test_affinity_hit_rates_match_one_replica_each_and_default_routing_doe
     for rate in ("encoder_hit_rate", "kv_prefix_hit_rate"):
         assert affinity[rate] >= one[rate] - 0.10, (rate, measured)
         assert default[rate] < affinity[rate], (rate, measured)
-    assert affinity["encoder_cache_misses"] == 8  # each image encoded once, by its owner
+    # Each image encoded once by its owner, give or take a call that the load fallback sent to
+    # the other replica (8 images of a round arrive together and the ring may split them 6/2).
+    assert 8 <= affinity["encoder_cache_misses"] < default["encoder_cache_misses"], measured
 
 
 async def test_one_image_sent_by_everyone_spreads_by_the_fallback(app_url, metrics_port):
