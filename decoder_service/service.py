@@ -30,6 +30,7 @@ from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
 from runtime.checkpoint import open_checkpoint
 from runtime.device import open_device
+from runtime.embedding_dtype import EMBEDDING_DTYPES, to_float32
 from runtime.geometry import tokens_per_image
 from runtime.messages import (
     EmbeddingMismatchError,
@@ -142,6 +143,9 @@ class DecoderService:
                 f"{len(request.images)} image(s) carry {sum(rows)} embedding rows")
         for ref in request.images:
             ref.meta.check_compatible(self.model_id, self.hidden_size)
+            if ref.meta.dtype not in EMBEDDING_DTYPES:
+                raise EmbeddingMismatchError(f"embedding {ref.meta.image_hash[:16]} is stored as "
+                                             f"{ref.meta.dtype!r}, not one of {EMBEDDING_DTYPES}")
         image_rows = None
         if request.images:
             arrays = await asyncio.to_thread(
@@ -151,7 +155,8 @@ class DecoderService:
                     raise EmbeddingMismatchError(
                         f"embedding {ref.meta.image_hash[:16]} has shape {array.shape}, its "
                         f"metadata says {(ref.meta.num_tokens, ref.meta.hidden_size)}")
-            image_rows = np.concatenate(arrays).astype(np.float32, copy=False)
+            image_rows = np.concatenate([to_float32(array, ref.meta.dtype)
+                                         for ref, array in zip(request.images, arrays)])
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         spans = image_spans(prompt, self.image_token_id, rows,
                             [ref.meta.image_hash for ref in request.images])

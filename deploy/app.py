@@ -11,6 +11,12 @@ and `autoscaling_config` per deployment. Cross-deployment settings are derived
 here, once, from one `model`, `device` and `max_image_bytes`, so the halves cannot
 disagree, and the deploy is checked against the model's geometry before anything
 starts (`check_deploy`): a deploy that could never serve fails here, with the cause.
+
+Routing (`routing`): "affinity" (default) gives the encoder and decoder deployments
+the image-affinity request router (`deploy/affinity.py`), so an image's calls reach
+the replica that caches it; "default" keeps Serve's power-of-two-choices router.
+Embeddings are stored in the decoder's dtype (the encoder's `embedding_dtype` is
+derived here), and the router's references count against `router_refs_bytes`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from decoder_service.config import DecoderConfig
+from deploy.affinity import ROUTER_CLASS
 from deploy.colocated import ColocatedDeployment
 from deploy.decoder import DRAIN_OPTIONS, DecoderDeployment
 from deploy.encoder import EncoderDeployment
@@ -61,6 +68,12 @@ class AppArgs(BaseModel):
     encoder_replicas: int | None = Field(default=None, ge=1)
     decoder_replicas: int | None = Field(default=None, ge=1)
     router_replicas: int | None = Field(default=None, ge=1)
+    routing: Literal["affinity", "default"] = "affinity"  # encoder and decoder request routers
+    # Requests by which an image's owner may be busier than the least loaded replica before a
+    # call goes to the least loaded one instead.
+    imbalance_threshold: int = Field(default=4, ge=0)
+    # Bytes of embeddings each router replica's references keep alive (docs/deploy.md budgets).
+    router_refs_bytes: int = Field(default=64 * 2**20, ge=0)
     # torch_xla's persistent compilation cache root (None: $XDG_CACHE_HOME/splitserve/xla); used
     # only where a smoke check shows the backend reloads executables (runtime/compile_cache.py).
     compile_cache: str | None = None
@@ -78,28 +91,44 @@ def _options(replicas: int | None) -> dict:
     return {} if replicas is None else {"num_replicas": replicas}
 
 
+def _routing(args: AppArgs) -> dict:
+    if args.routing == "default":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=ROUTER_CLASS,
+        request_router_kwargs={"imbalance_threshold": args.imbalance_threshold})}
+
+
 def build_app(args: dict | AppArgs | None = None) -> serve.Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     model = resolve_model(args.model)
     for name, section in (("encoder", args.encoder), ("decoder", args.decoder), ("fetch", args.fetch)):
         for key in {"model", "device", "max_image_bytes"} & section.keys():
             raise ValueError(f"{name}.{key}: set `{key}` once, at the top, for every deployment")
+    if "embedding_dtype" in args.encoder:
+        raise ValueError("encoder.embedding_dtype: embeddings are stored in the decoder's dtype; "
+                         "set decoder.dtype")
     common = {"model": model, "device": args.device, "strict_compile": args.strict_compile}
-    encoder_config = EncoderConfig(**{**args.encoder, **common, "max_image_bytes": args.max_image_bytes})
     decoder_config = DecoderConfig(**{**args.decoder, **common})
+    encoder_config = EncoderConfig(**{**args.encoder, **common, "max_image_bytes": args.max_image_bytes,
+                                      "embedding_dtype": decoder_config.dtype})
     fetch = {**args.fetch, "max_image_bytes": args.max_image_bytes}
     if "allowed_hosts" in fetch:
         fetch["allowed_hosts"] = frozenset(fetch["allowed_hosts"])
     check_deploy(model, encoder_config, decoder_config, FetchPolicy(**fetch))
     settings = {"model": model,
                 "served_model_name": args.served_model_name or Path(model.rstrip("/")).name or model,
-                "fetch": fetch, "max_request_bytes": args.max_request_bytes}
+                "fetch": fetch, "max_request_bytes": args.max_request_bytes,
+                "known_refs_bytes": args.router_refs_bytes}
     drain = {} if args.drain_timeout_s is None else {"graceful_shutdown_timeout_s": args.drain_timeout_s}
 
     if args.layout == "disaggregated":
-        encoder = EncoderDeployment.options(**_options(args.encoder_replicas), **drain).bind(
+        routing = _routing(args)
+        encoder = EncoderDeployment.options(**_options(args.encoder_replicas), **drain, **routing).bind(
             encoder_config, args.compile_cache)
-        decoder = DecoderDeployment.options(**_options(args.decoder_replicas), **drain).bind(
+        decoder = DecoderDeployment.options(**_options(args.decoder_replicas), **drain, **routing).bind(
             decoder_config, args.compile_cache)
     else:
         if args.encoder_replicas or args.decoder_replicas:

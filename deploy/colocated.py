@@ -35,7 +35,8 @@ class ColocatedServer:
         self._metrics = StatsExporter("colocated", self.stats, ENCODER_SERIES + DECODER_SERIES, buckets=True)
 
     async def encode(self, images: list[bytes], request_id: str | None = None, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+                     refresh: bool = False, route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
+        """`route_key` was read by the request router (deploy/affinity.py); the replica ignores it."""
         return await self.encoder.encode(images, request_id, refresh=refresh)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:

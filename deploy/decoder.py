@@ -20,7 +20,7 @@ from ray import serve
 
 from decoder_service.config import DecoderConfig
 from deploy.autoscaling import TOKENS_IN_FLIGHT
-from deploy.metrics import DECODER_SERIES, StatsExporter
+from deploy.metrics import DECODER_SERIES, StatsExporter, hit_rate
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.messages import GenerateChunk, GenerateRequest
 from runtime.object_store import RayObjectStore
@@ -46,7 +46,7 @@ class DecoderServer:
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)
         self._tokens_in_flight = 0  # output tokens still owed to the requests in this replica
-        self._metrics = StatsExporter("decoder", self.service.stats, DECODER_SERIES)
+        self._metrics = StatsExporter("decoder", self.stats, DECODER_SERIES)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams chunks; call through `handle.options(stream=True)`. Cancelling the call
@@ -70,7 +70,9 @@ class DecoderServer:
         return decoder_info(self.service)
 
     def stats(self) -> dict:
-        return self.service.stats()
+        stats = self.service.stats()
+        return {**stats, "prefix_cache_hit_rate": hit_rate(stats["prefix_cache_hit_tokens"],
+                                                           stats["prefix_cache_queried_tokens"])}
 
     def check_health(self) -> None:
         if not self.service.is_ready:

@@ -14,7 +14,7 @@ from ray import serve
 
 from deploy.autoscaling import IMAGES_IN_FLIGHT
 from encoder_service.config import EncoderConfig
-from deploy.metrics import ENCODER_SERIES, Series, StatsExporter
+from deploy.metrics import ENCODER_SERIES, Series, StatsExporter, hit_rate
 from runtime.messages import EmbeddingRef, ItemError
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -41,7 +41,8 @@ class EncoderServer:
                                       buckets=True)
 
     async def encode(self, images: list[bytes], request_id: str | None = None, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+                     refresh: bool = False, route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
+        """`route_key` was read by the request router (deploy/affinity.py); the replica ignores it."""
         self._images_in_flight += len(images)
         try:
             return await self.service.encode(images, request_id, refresh=refresh)
@@ -60,7 +61,9 @@ class EncoderServer:
                 "config": {k: v for k, v in asdict(self.service.config).items() if k != "buckets"}}
 
     def stats(self) -> dict:
-        return {**self.service.stats(), "images_in_flight": self._images_in_flight}
+        stats = self.service.stats()
+        return {**stats, "images_in_flight": self._images_in_flight,
+                "cache_hit_rate": hit_rate(stats["hits"], stats["hits"] + stats["misses"])}
 
     def check_health(self) -> None:
         if not self.service.is_ready:

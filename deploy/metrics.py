@@ -5,6 +5,9 @@ nothing of Ray. A `StatsExporter` per replica polls that dict on a daemon thread
 and mirrors it: counters advance by the delta since the last poll, gauges take
 the value. Latency histograms (TTFT, inter-token) are observed by the router as
 tokens arrive. All names start with `splitserve_` (Ray adds its `ray_` prefix).
+Inside a Serve replica every series carries a `replica` tag (its unique id), so
+per-replica cache hit rates and loads can be told apart; the request router's
+`splitserve_routed_calls{route}` (deploy/affinity.py) counts affinity vs fallback.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ ENCODER_SERIES = (
            "Requests that joined an in-flight encode of the same image"),
     Series("splitserve_encoder_cache_bytes", ("bytes",), "gauge", "Bytes held by the cache"),
     Series("splitserve_encoder_cache_entries", ("entries",), "gauge", "Embeddings held by the cache"),
+    Series("splitserve_encoder_cache_hit_rate", ("cache_hit_rate",), "gauge",
+           "Cache hits / lookups since the replica started"),
 )
 DECODER_SERIES = (
     Series("splitserve_decoder_running", ("running",), "gauge", "Sequences prefilling or decoding"),
@@ -50,6 +55,8 @@ DECODER_SERIES = (
            "counter", "Prompt tokens looked up in the prefix cache"),
     Series("splitserve_decoder_prefix_cache_hit_tokens", ("prefix_cache_hit_tokens",), "counter",
            "Prompt tokens found in the prefix cache (not computed again)"),
+    Series("splitserve_decoder_prefix_cache_hit_rate", ("prefix_cache_hit_rate",), "gauge",
+           "Prefix cache hit tokens / queried tokens since the replica started"),
     Series("splitserve_decoder_preemptions", ("preemptions",), "counter",
            "Sequences preempted for KV blocks (recomputed later)"),
     Series("splitserve_decoder_step_errors", ("step_errors",), "counter",
@@ -65,6 +72,8 @@ ROUTER_SERIES = (
            "Images the router sent to the encoder"),
     Series("splitserve_router_reencoded_lost", ("reencoded_lost",), "counter",
            "Requests whose lost embeddings were encoded again"),
+    Series("splitserve_router_known_refs_bytes", ("known_refs_bytes",), "gauge",
+           "Bytes of embeddings kept alive by the router's remembered references"),
 )
 BUCKET_SERIES = (  # per encoder item-batch bucket, from stats["buckets"][bucket]
     Series("splitserve_encoder_batches", ("batches",), "counter", "Encoder batches run"),
@@ -77,6 +86,21 @@ GRAPHS = (  # a replica serves once its covering graphs are in; the rest compile
     Series("splitserve_graphs_compiled", ("graphs_compiled",), "gauge", "XLA graphs compiled so far"),
     Series("splitserve_graphs_planned", ("graphs_planned",), "gauge", "XLA graphs the replica will compile"),
 )
+
+
+def hit_rate(hits: int, lookups: int) -> float:
+    return hits / lookups if lookups else 0.0
+
+
+def replica_tag() -> dict[str, str]:
+    """{"replica": unique id} inside a Serve replica; {} anywhere else."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return {"replica": serve.get_replica_context().replica_id.unique_id}
+    except RayServeException:
+        return {}
 
 
 def _lookup(stats: dict, path: tuple[str, ...]):
@@ -100,11 +124,12 @@ class StatsExporter:
         self._interval_s = interval_s
         self._last: dict[tuple[str, str], float] = {}
         self._metrics = {}
+        default_tags = {"deployment": deployment, **replica_tag()}
         for s in self._series + (BUCKET_SERIES if buckets else ()):
             kind = metrics.Counter if s.kind == "counter" else metrics.Gauge
-            tags = ("deployment", "bucket") if s in BUCKET_SERIES else ("deployment",)
+            tags = tuple(default_tags) + (("bucket",) if s in BUCKET_SERIES else ())
             self._metrics[s.name] = kind(s.name, description=s.description, tag_keys=tags)
-            self._metrics[s.name].set_default_tags({"deployment": deployment})
+            self._metrics[s.name].set_default_tags(default_tags)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{deployment}-metrics", daemon=True)
         self._thread.start()

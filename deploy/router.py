@@ -81,10 +81,11 @@ class HandleEncoder:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def encode(self, images: list[bytes], request_id: str, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+    async def encode(self, images: list[bytes], request_id: str, *, refresh: bool = False,
+                     route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
         try:
-            return await self.handle.encode.remote(images, request_id, refresh=refresh)
+            return await self.handle.encode.remote(images, request_id, refresh=refresh,
+                                                   route_key=route_key)
         except TRANSPORT_ERRORS as error:
             raise unavailable("encoder replica", error) from error
         except RayTaskError as error:
@@ -187,7 +188,8 @@ class RouterServer:
                 model_id=decoder["model_id"], served_model_name=s["served_model_name"],
                 model_path=decoder["model_path"], preprocess_fingerprint=encoder["fingerprint"],
                 max_model_len=decoder["max_model_len"], max_images_per_request=decoder["max_images"],
-                fetch=FetchPolicy(**s.get("fetch", {})))
+                fetch=FetchPolicy(**s.get("fetch", {})),
+                known_refs_bytes=s.get("known_refs_bytes", RouterConfig.known_refs_bytes))
             # In a thread: reading the processor must not hold up /health or other requests.
             service = await asyncio.to_thread(RouterService, config, HandleEncoder(self._encoder),
                                               HandleDecoder(self._decoder), self._latency)

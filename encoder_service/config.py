@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from runtime.buckets import power_of_two_buckets
 from runtime.device import DEVICE_KINDS
+from runtime.embedding_dtype import check_dtype
 from runtime.limits import MAX_IMAGE_BYTES
 
 MiB = 1 << 20
@@ -18,6 +19,7 @@ class EncoderConfig:
     max_batch_items: int = 8  # largest item-batch bucket; buckets are 1, 2, 4, ... up to it
     batch_wait_s: float = 0.005  # how long a batch waits for items from other requests
     encoder_cache_bytes: int = 512 * MiB  # LRU budget for cached embeddings; 0 disables the cache
+    embedding_dtype: str = "float32"  # how embeddings are stored and sent: the decoder's dtype
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
     max_image_pixels: int = 40_000_000  # width * height limit, checked before decoding
     preprocess_threads: int = 2  # threads that decode and preprocess images
@@ -31,6 +33,7 @@ class EncoderConfig:
             raise ValueError(f"model must be a non-empty checkpoint path or hub id, got {self.model!r}")
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {', '.join(DEVICE_KINDS)}; got {self.device!r}")
+        check_dtype(self.embedding_dtype)
         _require_int(self, "max_batch_items", minimum=1)
         _require_int(self, "encoder_cache_bytes", minimum=0)
         _require_int(self, "max_image_bytes", minimum=1)

@@ -38,13 +38,12 @@ from encoder_service.vision_model import load_vision_encoder
 from runtime.checkpoint import open_checkpoint
 from runtime.compile_guard import CompileGuard
 from runtime.device import open_device
+from runtime.embedding_dtype import to_stored
 from runtime.image_key import image_cache_key, preprocess_fingerprint
 from runtime.messages import EmbeddingMeta, EmbeddingRef, ItemError
 from runtime.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_DTYPE = "float32"
 
 
 class EncoderService:
@@ -175,7 +174,8 @@ class EncoderService:
 
         def on_embedding(done: Future) -> None:
             try:
-                array = done.result()  # [num_tokens, hidden_size] float32
+                # [num_tokens, hidden_size] float32, stored in the decoder's dtype
+                array = to_stored(done.result(), self.config.embedding_dtype)
                 ref = EmbeddingRef(meta=self._meta(key, len(array)), object_ref=self._store.put(array))
             except BaseException as error:
                 fail(error)
@@ -189,7 +189,7 @@ class EncoderService:
 
     def _meta(self, key: str, num_tokens: int) -> EmbeddingMeta:
         return EmbeddingMeta(image_hash=key, num_tokens=num_tokens,
-                             hidden_size=self.hidden_size, dtype=EMBEDDING_DTYPE,
+                             hidden_size=self.hidden_size, dtype=self.config.embedding_dtype,
                              model_id=self.model_id)
 
     def _item_error(self, index: int, request_id: str | None, reason: str, *,

@@ -165,8 +165,8 @@ async def fetch_url(url: str, field: str, policy: FetchPolicy, client: httpx.Asy
 
 
 async def load_image(url: str, field: str, policy: FetchPolicy, client: httpx.AsyncClient) -> bytes:
-    if url.startswith("data:"):
-        return decode_data_url(url, field, policy.max_image_bytes)
+    if url.startswith("data:"):  # base64 of up to max_image_bytes: off the event loop
+        return await asyncio.to_thread(decode_data_url, url, field, policy.max_image_bytes)
     return await fetch_url(url, field, policy, client)
 
 

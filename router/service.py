@@ -2,24 +2,33 @@
 
 Per request: render and tokenize the prompt; load each image's bytes; key them
 (`runtime.image_key`, the encoder's own key); images the router has seen recently
-reuse their embedding reference and skip the encoder; the rest go to the encoder
-in one call; then token ids plus references go to a decoder replica, whose chunks
-stream back. With `n` > 1 each choice is its own decoder sequence (`router.choices`).
+reuse their embedding reference and skip the encoder; the rest go to the encoder,
+one call per image carrying its key as `route_key`, so a request's images split
+across the encoder replicas that own them (`deploy/affinity.py`; the encoder's
+batcher gathers concurrent calls into one device batch again); then token ids plus
+references go to a decoder replica, whose chunks stream back. With `n` > 1 each
+choice is its own decoder sequence (`router.choices`).
 
-Faults, each retried once where nothing has reached the client yet: an encoder call
+The references the router remembers keep their objects alive in Ray's object store
+after the encoder evicted them, so they count in bytes against `known_refs_bytes`
+(least recently used dropped first), one of the budgets in docs/deploy.md.
+
+Faults, each retried where nothing has reached the client yet: an encoder call
 whose replica died (`ServiceUnavailable` from the client) or that reports a
 retryable item error is sent again; a decoder call that fails before its first
 chunk, because its replica died or an embedding vanished from the object store
 (`EmbeddingLostError`: its owner died or the object was lost; the request's images
 are encoded again first, the encoder told to drop its cached entries), is sent
-again. A second failure, or one after the first chunk, ends the request with
-`ServiceUnavailable` (a 503).
+again. A second failure ends the request with `ServiceUnavailable` (a 503); so does
+one after the first chunk of a stream, while a non-streaming completion, whose client
+has seen nothing, runs its whole generation once more.
 
 Runs on the caller's asyncio loop; rendering and tokenizing run on one worker
 thread (a long prompt must not stall other requests; the tokenizer is not shared
-across threads). The encoder and decoder are reached through the small client
-protocols below, so the same class serves behind Ray Serve handles (`deploy/`) or
-in one process (tests, colocated layout).
+across threads); base64 decoding and hashing of images run on the loop's default
+thread pool (a 20 MiB image must not stall them either). The encoder and decoder are
+reached through the small client protocols below, so the same class serves behind
+Ray Serve handles (`deploy/`) or in one process (tests, colocated layout).
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from collections.abc import AsyncIterator
@@ -39,6 +47,7 @@ import httpx
 
 from router.choices import choice_seed, merge_choices
 from router.images import FetchPolicy, ImageInputError, image_size, load_image
+from router.known_refs import KnownRefs
 from router.prompt import PromptBuilder
 from router.responses import ResponseBuilder
 from router.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, completion_id, now
@@ -61,8 +70,9 @@ log = logging.getLogger(__name__)
 
 
 class EncoderClient(Protocol):
-    async def encode(self, images: list[bytes], request_id: str, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]: ...
+    async def encode(self, images: list[bytes], request_id: str, *, refresh: bool = False,
+                     route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
+        """`route_key`: the images' key, for the encoder's request router (ignored elsewhere)."""
 
 
 class DecoderClient(Protocol):
@@ -135,7 +145,7 @@ class RouterConfig:
     max_model_len: int
     max_images_per_request: int = 4
     fetch: FetchPolicy = FetchPolicy()
-    known_refs: int = 1024  # image keys whose references the router remembers
+    known_refs_bytes: int = 64 << 20  # bytes of embeddings the router's references keep alive
     max_choices: int = 8  # the largest `n` a request may ask for
 
 
@@ -154,22 +164,34 @@ class RouterService:
         self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path),
                                      None if is_anyres(model_config) else self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
-        self._known: OrderedDict[str, EmbeddingRef] = OrderedDict()
+        self._known = KnownRefs(config.known_refs_bytes)
         self._http = httpx.AsyncClient()
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="router-prompt")
         self.counters = {"router_image_hits": 0, "encoder_calls": 0, "images_encoded": 0,
                          "reencoded_lost": 0, "encoder_retries": 0, "decoder_retries": 0,
-                         "requests_generating": 0}
+                         "requests_generating": 0, "known_refs_bytes": 0}
 
     # --- public ------------------------------------------------------------------------
     async def complete(self, body: ChatCompletionRequest, request_id: str | None = None) -> ChatCompletion:
         request_id = request_id or completion_id()
         prepared = await self._prepare(body, request_id)
         choices: list[list[GenerateChunk]] = [[] for _ in range(prepared.n)]
+        try:
+            await self._collect(prepared, choices)
+        except ServiceUnavailable as error:
+            if not any(choices):  # _generate has retried a failure before the first chunk already
+                raise
+            # A decoder that died mid-generation: nothing has reached this client yet, so the
+            # whole generation runs again, once (greedy or seeded: the same text).
+            self._count_retry("decoder", request_id, error)
+            choices = [[] for _ in range(prepared.n)]
+            await self._collect(prepared, choices)
+        return self.responses.completion(request_id, choices, body.logprobs)
+
+    async def _collect(self, prepared: _Prepared, choices: list[list[GenerateChunk]]) -> None:
         async with aclosing(self._choices(prepared)) as merged:
             async for index, chunk in merged:
                 choices[index].append(chunk)
-        return self.responses.completion(request_id, choices, body.logprobs)
 
     async def stream(self, body: ChatCompletionRequest,
                      request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -279,42 +301,45 @@ class RouterService:
 
     async def _embed(self, blobs: list[bytes], fields: list[str], request_id: str,
                      image_tokens: list[int], *, refresh: bool = False) -> list[EmbeddingRef]:
-        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call. Each
-        must have the rows its placeholders need (`image_tokens`), else the encoder and the
-        processor disagree: a server fault. `refresh`: the request's embeddings were lost;
-        forget them here and in the encoder."""
-        keys = self._keys(blobs)
+        """EmbeddingRefs for `blobs`: known ones reused, the rest from one encoder call per
+        image (each routed by its key). Each must have the rows its placeholders need
+        (`image_tokens`), else the encoder and the processor disagree: a server fault.
+        `refresh`: the request's embeddings were lost; forget them here and in the encoder."""
+        keys = await asyncio.to_thread(self._keys, blobs)  # hashing MiBs: off the event loop
         if refresh:
             for key in keys:
-                self._known.pop(key, None)
-        known = {k: self._known[k] for k in keys if k in self._known}
+                self._known.forget(key)
+            self.counters["known_refs_bytes"] = self._known.bytes
+        known = {k: ref for k in keys if (ref := self._known.get(k)) is not None}
         self.counters["router_image_hits"] += sum(k in known for k in keys)
         missing = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
         first_index = {k: keys.index(k) for k in missing}
-        retried = False  # one retry per request, for a failed call or for retryable item errors
+        retried = False  # one retry per request, for failed calls or for retryable item errors
         while missing:
-            try:
-                results = await self._encode([blobs[first_index[k]] for k in missing], request_id,
-                                             refresh=refresh)
-            except ServiceUnavailable as error:
-                if retried:
-                    raise
-                retried = self._count_retry("encoder", request_id, error)
-                continue
-            retry = []
-            for key, result in zip(missing, results):
+            outcomes = await asyncio.gather(
+                *(self._encode(blobs[first_index[k]], k, request_id, refresh=refresh) for k in missing),
+                return_exceptions=True)
+            retry, failures = [], []
+            for key, result in zip(missing, outcomes):
                 field = fields[first_index[key]]
+                if isinstance(result, ServiceUnavailable) and not retried:
+                    retry.append(key)
+                    failures.append(result)
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
                 if isinstance(result, ItemError) and not result.retryable:
                     raise ImageInputError(field, result.message)
                 if isinstance(result, ItemError) and retried:
                     raise ServiceUnavailable(f"{field}: the encoder failed twice: {result.message}")
                 if isinstance(result, ItemError):
                     retry.append(key)
+                    failures.append(result.message)
                     continue
                 known[key] = result
                 self._remember(key, result)
             if retry:
-                retried = self._count_retry("encoder", request_id, f"{len(retry)} item error(s)")
+                retried = self._count_retry("encoder", request_id, failures[0])
             missing = retry
         refs = [known[k] for k in keys]
         for ref, want, field in zip(refs, image_tokens, fields):
@@ -324,11 +349,12 @@ class RouterService:
                     f"checkpoint's processor expands the image to {want} tokens")
         return refs  # type: ignore[return-value]
 
-    async def _encode(self, blobs: list[bytes], request_id: str, *,
-                      refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+    async def _encode(self, blob: bytes, key: str, request_id: str, *,
+                      refresh: bool = False) -> EmbeddingRef | ItemError:
         self.counters["encoder_calls"] += 1
-        self.counters["images_encoded"] += len(blobs)
-        return await self.encoder.encode(blobs, request_id, refresh=refresh)
+        self.counters["images_encoded"] += 1
+        [result] = await self.encoder.encode([blob], request_id, refresh=refresh, route_key=key)
+        return result
 
     def _count_retry(self, service: str, request_id: str, why) -> bool:
         log.warning("request %s: the %s failed (%s); trying again", request_id, service, why)
@@ -336,10 +362,8 @@ class RouterService:
         return True
 
     def _remember(self, key: str, ref: EmbeddingRef) -> None:
-        self._known[key] = ref
-        self._known.move_to_end(key)
-        while len(self._known) > self.config.known_refs:
-            self._known.popitem(last=False)
+        self._known.remember(key, ref)
+        self.counters["known_refs_bytes"] = self._known.bytes
 
     def _choices(self, prepared: _Prepared) -> AsyncIterator[tuple[int, GenerateChunk]]:
         return merge_choices(prepared.n, lambda index: self._generate(prepared.choice(index)))

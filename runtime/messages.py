@@ -178,6 +178,11 @@ class GenerateRequest:
     images: tuple[EmbeddingRef, ...]
     sampling: SamplingParams
 
+    @property
+    def route_key(self) -> str | None:
+        """The first image's key: where this prompt's KV prefix is cached (deploy/affinity.py)."""
+        return self.images[0].meta.image_hash if self.images else None
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -40,7 +40,7 @@ class _GatedEncoder:
     def close(self):
         pass
 
-    async def encode(self, images, request_id, *, refresh=False):
+    async def encode(self, images, request_id, *, refresh=False, route_key=None):
         await self.gate.wait()
         if request_id == "bad":
             raise RuntimeError("device step failed")

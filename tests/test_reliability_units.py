@@ -164,7 +164,7 @@ class ScriptedEncoder:
         self.calls = 0
         self.refreshes = []
 
-    async def encode(self, blobs, request_id, *, refresh=False):
+    async def encode(self, blobs, request_id, *, refresh=False, route_key=None):
         self.calls += 1
         self.refreshes.append(refresh)
         step = self.steps.pop(0)

@@ -28,7 +28,7 @@ class FakeEncoder:
         return {"model_id": "m", "hidden_size": 64, "tokens_per_image": self.tokens_per_image,
                 "fingerprint": "fp", "config": {}}
 
-    async def encode(self, images, request_id, *, refresh=False):
+    async def encode(self, images, request_id, *, refresh=False, route_key=None):
         meta = EmbeddingMeta("h", self.tokens_per_image, 64, "float32", "m")
         return [EmbeddingRef(meta, None) for _ in images]
 
