@@ -89,11 +89,13 @@ class EncoderService:
         return image_cache_key(data, self.model_id, self.fingerprint)
 
     async def encode(self, images: list[bytes], request_id: str | None = None, *,
-                     refresh: bool = False) -> list[EmbeddingRef | ItemError]:
+                     refresh: bool = False, route_key: str | None = None) -> list[EmbeddingRef | ItemError]:
         """One result per image, in order: its EmbeddingRef, or an ItemError naming it.
 
         `refresh`: the caller found these images' embeddings gone from the object store;
-        their cache entries are dropped first, so they are computed again."""
+        their cache entries are dropped first, so they are computed again. `route_key` is the
+        `EncoderClient` protocol's hint for a request router in front of replicas; a service
+        called directly has nothing to route and ignores it."""
         if not self.is_ready:
             raise RuntimeError("the encoder service is closed")
         keys = await asyncio.to_thread(self._keys, images)
