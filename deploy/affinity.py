@@ -93,6 +93,23 @@ class ImageAffinityRouter(RequestRouter):
             lens[r.replica_id.unique_id] = r.max_ongoing_requests if queue_len is None else queue_len
         return lens
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica,
+                                      request_metadata: Any = None) -> None:
+        """Give `replica` to exactly the call it was chosen for.
+
+        Serve's base router finds that call by `internal_request_id`, but calls made while
+        a replica handles one request inherit that request's id (a chat's image encodes,
+        its n choices), and its index keeps only the first of them: the others were never
+        fulfilled and waited forever (9 of 12 requests of a start-up burst). The call is
+        found by its metadata object instead, which each handle call has its own of.
+        """
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         key = route_key(pending_request)

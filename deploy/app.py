@@ -68,7 +68,7 @@ class AppArgs(BaseModel):
     encoder_replicas: int | None = Field(default=None, ge=1)
     decoder_replicas: int | None = Field(default=None, ge=1)
     router_replicas: int | None = Field(default=None, ge=1)
-    routing: Literal["affinity", "default"] = "default"  # "affinity": image-affinity routers (docs/deploy.md; a start-up burst can hang with it, issue 15)
+    routing: Literal["affinity", "default"] = "affinity"  # encoder and decoder request routers
     # Requests by which an image's owner may be busier than the least loaded replica before a
     # call goes to the least loaded one instead.
     imbalance_threshold: int = Field(default=4, ge=0)

@@ -241,6 +241,21 @@ async def test_object_store_stays_within_the_budgets_over_300_distinct_images(ap
     assert stats["router"]["reencoded_lost"] == 0 and stats["router"]["known_refs_bytes"] == 0
 
 
+async def test_calls_made_while_serving_one_request_are_each_routed(app_url):
+    """A chat's image encodes and its n choices are calls one router replica makes while it
+    handles one request, so Serve gives them one internal request id: each must still be
+    routed (Serve's own lookup by that id left all but the first waiting forever)."""
+    two_images = [{**chat(image_url(4000 + i), QUESTIONS[i]), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url(4000 + i)}},
+        {"type": "image_url", "image_url": {"url": image_url(4100 + i)}},
+        {"type": "text", "text": QUESTIONS[i]}]}]} for i in range(6)]
+    choices = [{**chat(image_url(4200 + i), QUESTIONS[i]), "n": 3} for i in range(3)]
+    replies = await asyncio.wait_for(post_all(app_url, two_images + choices), timeout=120)
+    assert [r.status_code for r in replies] == [200] * 9, [r.text for r in replies if r.status_code != 200]
+    assert [len(r.json()["choices"]) for r in replies] == [1] * 6 + [3] * 3
+    assert all(r.json()["usage"]["prompt_tokens"] > 32 for r in replies[:6])  # both images' tokens
+
+
 async def test_a_replica_killed_mid_run_loses_no_request(app_url):
     victims = []
 
