@@ -1,5 +1,7 @@
-"""Helpers shared by tests: ports, images as data URLs, embedding refs. (Waiting for a server:
-`deploy.startup.wait_healthy`, the one readiness poller.)"""
+"""Helpers shared by tests: ports, images as data URLs, embedding refs, a Serve app deployed
+for a module. (Waiting for a server: `deploy.startup.wait_healthy`, the one readiness poller.)"""
+
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -8,6 +10,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def deployed_app(serve, port: int, name: str, args: dict, route_prefix: str = "/",
+                 timeout_s: float = 300):
+    """`build_app(args)` run as Serve app `name`: yields its base URL once `/health` answers
+    200, and deletes the app after."""
+    from deploy.app import build_app
+    from deploy.startup import wait_healthy
+
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    wait_healthy(f"{url}/health", timeout_s=timeout_s)
+    try:
+        yield url
+    finally:
+        serve.delete(name)
+
+
+def openai_client(base_url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def app_stats(name: str) -> dict:
+    """The app's `stats()` (router, encoder and decoder counters), through its handle."""
+    from ray import serve
+
+    return serve.get_app_handle(name).stats.remote().result()
 
 
 def image_data_url(image, fmt: str = "PNG") -> str:

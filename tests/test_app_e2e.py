@@ -11,29 +11,23 @@ import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from deploy.app import build_app
-from deploy.startup import wait_healthy
-from tests.support import image_data_url
+from tests.support import app_stats, deployed_app, image_data_url, openai_client
 
 APP = "splitserve"
 
 
 @pytest.fixture(scope="module")
 def app_url(ray_serve, serve_http_port, tiny_checkpoint):
-    app = build_app({
-        "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
-        "decoder": {"max_model_len": 256, "max_num_seqs": 4}, "encoder": {"max_batch_items": 4},
-        "fetch": {"allowed_hosts": ["127.0.0.1"]}})
-    ray_serve.run(app, name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{serve_http_port}"
-    wait_healthy(f"{url}/health", timeout_s=300)
-    yield url
-    ray_serve.delete(APP)
+    args = {"model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
+            "decoder": {"max_model_len": 256, "max_num_seqs": 4}, "encoder": {"max_batch_items": 4},
+            "fetch": {"allowed_hosts": ["127.0.0.1"]}}
+    with deployed_app(ray_serve, serve_http_port, APP, args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(app_url):
-    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(app_url)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +61,7 @@ def _user(*parts):
 
 
 def _stats():
-    from ray import serve
-
-    return serve.get_app_handle(APP).stats.remote().result()
+    return app_stats(APP)
 
 
 def test_a_burst_at_readiness_is_served_while_graphs_still_compile(client, app_url, photos):
@@ -227,15 +219,11 @@ def test_client_disconnect_frees_the_decode_slot(app_url):
 
 def test_colocated_layout_answers_like_the_disaggregated_one(ray_serve, client, serve_http_port,
                                                             tiny_checkpoint, photos):
-    colocated = build_app({
-        "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "layout": "colocated",
-        "strict_compile": True, "decoder": {"max_model_len": 256, "max_num_seqs": 4},
-        "encoder": {"max_batch_items": 4}})
-    ray_serve.run(colocated, name="colocated", route_prefix="/colocated")
-    try:
-        base = f"http://127.0.0.1:{serve_http_port}/colocated"
-        wait_healthy(f"{base}/health", timeout_s=300)
-        other = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    colocated = {"model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "layout": "colocated",
+                 "strict_compile": True, "decoder": {"max_model_len": 256, "max_num_seqs": 4},
+                 "encoder": {"max_batch_items": 4}}
+    with deployed_app(ray_serve, serve_http_port, "colocated", colocated, route_prefix="/colocated") as base:
+        other = openai_client(base)
         messages = _user(image_data_url(photos[2]), "What is in this picture?")
         ours = client.chat.completions.create(model="llava-tiny", messages=messages, max_tokens=10,
                                               temperature=0)
@@ -243,8 +231,6 @@ def test_colocated_layout_answers_like_the_disaggregated_one(ray_serve, client, 
                                                temperature=0)
         assert theirs.choices[0].message.content == ours.choices[0].message.content
         assert theirs.usage == ours.usage
-    finally:
-        ray_serve.delete("colocated")
 
 
 def _scrape(metrics_port, names, timeout_s=60.0):

@@ -10,10 +10,10 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 
-from deploy.app import build_app
-from deploy.startup import wait_healthy
+from tests.support import app_stats, deployed_app, image_data_url, openai_client
+
 
 APP = "splitserve-fields"
 NEAR_TIE = 1e-4
@@ -33,25 +33,19 @@ QUESTION = [{"role": "user", "content": "describe the animal in the photo as jso
 
 @pytest.fixture(scope="module")
 def app_url(ray_serve, serve_http_port, tiny_checkpoint):
-    app = build_app({
-        "model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
-        "decoder": {"max_model_len": 256, "max_num_seqs": 4}, "encoder": {"max_batch_items": 4}})
-    ray_serve.run(app, name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{serve_http_port}"
-    wait_healthy(f"{url}/health", timeout_s=300)
-    yield url
-    ray_serve.delete(APP)
+    args = {"model": str(tiny_checkpoint), "served_model_name": "llava-tiny", "strict_compile": True,
+            "decoder": {"max_model_len": 256, "max_num_seqs": 4}, "encoder": {"max_batch_items": 4}}
+    with deployed_app(ray_serve, serve_http_port, APP, args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(app_url):
-    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(app_url)
 
 
 def _stats():
-    from ray import serve
-
-    return serve.get_app_handle(APP).stats.remote().result()
+    return app_stats(APP)
 
 
 EXTENSIONS = ("min_tokens", "repetition_penalty", "ignore_eos", "top_k")  # not in OpenAI's client
@@ -256,8 +250,6 @@ def test_informational_fields_are_accepted_and_bad_formats_refused(client):
 
 
 def test_a_streamed_schema_answer_about_a_photo_validates(client, photos):
-    from tests.support import image_data_url
-
     messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_data_url(photos[2])}},
         {"type": "text", "text": "which animal is this, how many, indoors?"}]}]
