@@ -109,18 +109,20 @@ class HandleDecoder:
             stream.cancel()  # no-op once finished; otherwise the replica aborts the sequence
 
 
-def preload_processor(model: str | None) -> None:
-    """Imports transformers and reads the checkpoint's processor once, so that building the
-    service later finds both warm. Best effort: errors surface when the service is built."""
+def preload_processor(model: str | None):
+    """Imports transformers and reads the checkpoint's processor, so that building the service
+    later need not: (model, processor), or None. Best effort: errors surface when the service
+    is built."""
     if not model:
-        return
+        return None
     try:
         from transformers import AutoProcessor
 
-        AutoProcessor.from_pretrained(model)
+        return model, AutoProcessor.from_pretrained(model)
     except Exception as error:  # noqa: BLE001
         logging.getLogger(__name__).info("router: preloading the processor failed (%s); "
                                          "it is read again once the model is known", error)
+        return None
 
 
 def check_pairing(encoder: dict, decoder: dict, router: RouterService) -> None:
@@ -182,7 +184,8 @@ class RouterServer:
             cause = raised_by_service(error)
             raise StartupFailed(f"info() failed: {type(cause).__name__}: {cause}") from error
         s = self._settings
-        await self._preloading
+        preloaded = await self._preloading
+        processor = preloaded[1] if preloaded and preloaded[0] == decoder["model_id"] else None
         try:
             config = RouterConfig(
                 model_id=decoder["model_id"], served_model_name=s["served_model_name"],
@@ -192,7 +195,7 @@ class RouterServer:
                 known_refs_bytes=s.get("known_refs_bytes", RouterConfig.known_refs_bytes))
             # In a thread: reading the processor must not hold up /health or other requests.
             service = await asyncio.to_thread(RouterService, config, HandleEncoder(self._encoder),
-                                              HandleDecoder(self._decoder), self._latency)
+                                              HandleDecoder(self._decoder), self._latency, processor)
         except Exception as error:  # noqa: BLE001: whatever it is, the router cannot serve
             raise StartupFailed(f"the router cannot start: {type(error).__name__}: {error}") from error
         try:

@@ -151,7 +151,8 @@ class RouterConfig:
 
 class RouterService:
     def __init__(self, config: RouterConfig, encoder: EncoderClient, decoder: DecoderClient,
-                 observer: LatencyObserver | None = None) -> None:
+                 observer: LatencyObserver | None = None, processor=None) -> None:
+        """`processor`: the checkpoint's, if already read from `config.model_path`."""
         from transformers import AutoProcessor
 
         self.config = config
@@ -161,7 +162,7 @@ class RouterService:
         model_config = open_config(config.model_path)
         self.geometry = geometry_of(model_config)
         # LLaVA-NeXT: the processor counts each image's tokens from its size.
-        self.prompts = PromptBuilder(AutoProcessor.from_pretrained(config.model_path),
+        self.prompts = PromptBuilder(processor or AutoProcessor.from_pretrained(config.model_path),
                                      None if is_anyres(model_config) else self.geometry.tokens_per_image)
         self.responses = ResponseBuilder(self.prompts.tokenizer, config.served_model_name)
         self._known = KnownRefs(config.known_refs_bytes)
