@@ -39,6 +39,7 @@ from runtime.buckets import pad_to_bucket  # noqa: E402
 from runtime.messages import SamplingParams  # noqa: E402
 from deploy.demo_checkpoint import cached_demo_checkpoint  # noqa: E402
 from runtime.checkpoint import open_checkpoint  # noqa: E402
+from runtime.geometry import geometry_of  # noqa: E402
 from runtime.device import open_device  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def main() -> None:
     runner = ModelRunner(DecoderConfig(model=str(checkpoint.path), device=args.device,
                                        max_num_seqs=16, max_model_len=1024,
                                        max_num_batched_tokens=256), checkpoint, device)
-    image_token_id = checkpoint.image_token_id
+    image_token_id = geometry_of(checkpoint.config).image_token_id
     rng = np.random.default_rng(0)
     shapes = runner.shapes
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())

@@ -80,7 +80,9 @@ class Sequence:
         prompt = len(self.prompt_ids)
         if end <= prompt:
             return np.asarray(self.prompt_ids[start:end], np.int64)
-        return np.asarray((self.prompt_ids + self.output_ids)[start:end], np.int64)
+        if start >= prompt:
+            return np.asarray(self.output_ids[start - prompt:end - prompt], np.int64)
+        return np.asarray([*self.prompt_ids[start:], *self.output_ids[:end - prompt]], np.int64)
 
     def image_row_index(self, start: int, end: int) -> np.ndarray:
         """For positions [start, end): the row of `image_rows` that fills each, -1 for text."""

@@ -31,7 +31,7 @@ from decoder_service.sequence import Sequence, image_spans
 from runtime.checkpoint import open_checkpoint
 from runtime.device import open_device
 from runtime.embedding_dtype import EMBEDDING_DTYPES, to_float32
-from runtime.geometry import tokens_per_image
+from runtime.geometry import geometry_of, tokens_per_image
 from runtime.messages import (
     EmbeddingMismatchError,
     GenerateChunk,
@@ -55,7 +55,7 @@ class DecoderService:
         checkpoint = open_checkpoint(config.model)
         self.model_id = checkpoint.model_id
         self.model_path = str(checkpoint.path)
-        self.image_token_id = checkpoint.image_token_id
+        self.image_token_id = geometry_of(checkpoint.config).image_token_id
         self.tokens_per_image = tokens_per_image(checkpoint)  # for the deploy's consistency check
         self.runner = ModelRunner(config, checkpoint, open_device(config.device))
         self.shapes = self.runner.shapes

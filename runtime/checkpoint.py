@@ -60,14 +60,6 @@ class Checkpoint:
     def is_anyres(self) -> bool:
         return is_anyres(self.config)
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_index)
-
-    @property
-    def text_hidden_size(self) -> int:
-        return int(self.config.text_config.hidden_size)
-
     def weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.exists():

@@ -105,6 +105,15 @@ def _image_seq(rid, text_before, keys, text_after, per_image=16, value_of=None):
     return _seq(rid, prompt, spans, rows if keys else None), prompt_values
 
 
+def test_token_ids_slice_prompt_and_output_alike():
+    seq = _seq("t", [10, 11, 12, 13])
+    seq.output_ids += [20, 21, 22]
+    whole = [10, 11, 12, 13, 20, 21, 22]
+    for start, end in ((0, 4), (1, 3), (4, 7), (5, 6), (2, 6), (0, 7), (3, 5), (7, 7)):
+        got = seq.token_ids(start, end)
+        assert got.dtype == np.int64 and got.tolist() == whole[start:end], (start, end)
+
+
 def test_block_hashes_chain_and_name_the_image():
     a, _ = _image_seq("a", [101] * 10, ["cat"], [7] * 30, value_of={"cat": 1})
     b, _ = _image_seq("b", [101] * 10, ["dog"], [7] * 30, value_of={"dog": 2})
