@@ -9,7 +9,8 @@ over the live replicas: the key's owner on a consistent-hash ring, unless the
 owner's queue is longer than the least loaded replica's by more than
 `imbalance_threshold` requests. Queue lengths are Serve's own cache of each
 replica's ongoing requests (updated as calls are sent and finish, probed when
-missing). A call without a key (text only, `info`, `stats`) goes to the least loaded.
+missing) plus the calls this router assigned that are not sent yet
+(`runtime.affinity.InTransit`: without them a burst for one image all went to its owner). A call without a key (text only, `info`, `stats`) goes to the least loaded.
 
 The ring is rebuilt when Serve reports a new replica set: a replica that dies or is
 added moves only its share of keys. Each routed call counts in the Prometheus
@@ -23,7 +24,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from runtime.affinity import DEFAULT_VIRTUAL_NODES, Ring, choose
+from runtime.affinity import DEFAULT_VIRTUAL_NODES, InTransit, Ring, choose
 
 ROUTER_CLASS = "deploy.affinity.ImageAffinityRouter"
 
@@ -47,6 +48,7 @@ class ImageAffinityRouter(RequestRouter):
         self._imbalance_threshold = imbalance_threshold
         self._virtual_nodes = virtual_nodes
         self._ring = Ring.of((), virtual_nodes)
+        self._in_transit = InTransit()
         self._routed = metrics.Counter(
             "splitserve_routed_calls", description="Calls routed to a replica, by why it was chosen",
             tag_keys=("deployment", "replica", "route"))
@@ -54,6 +56,7 @@ class ImageAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._ring = Ring.of((r.replica_id.unique_id for r in replicas), self._virtual_nodes)
+        self._in_transit.forget(self._ring.owners)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)  # before the controller says so: its keys move now
@@ -76,8 +79,9 @@ class ImageAffinityRouter(RequestRouter):
         return [[by_id[chosen]], *([by_id[rid]] for rid in others)]
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[str, int]:
-        """Requests ongoing at each replica: Serve's cache, probing the replicas it lacks.
-        A replica that does not answer counts as full (it is tried last)."""
+        """Requests ongoing at each replica: Serve's cache, probing the replicas it lacks,
+        plus the calls assigned to it and not yet sent. A replica that does not answer
+        counts as full (it is tried last)."""
         lens: dict[str, int] = {}
         missing = []
         for r in replicas:
@@ -91,7 +95,7 @@ class ImageAffinityRouter(RequestRouter):
                 lens[r.replica_id.unique_id] = cached
         for r, queue_len in (await self._probe_queue_lens(missing, 0) if missing else ()):
             lens[r.replica_id.unique_id] = r.max_ongoing_requests if queue_len is None else queue_len
-        return lens
+        return {rid: n + self._in_transit.count(rid) for rid, n in lens.items()}
 
     def _fulfill_next_pending_request(self, replica: RunningReplica,
                                       request_metadata: Any = None) -> None:
@@ -108,7 +112,12 @@ class ImageAffinityRouter(RequestRouter):
                 self._record_queue_wait_time(pending)
                 pending.future.set_result(replica)
                 self._remove_pending_request_from_indices(pending)
+                self._in_transit.assigned(replica.replica_id.unique_id)
                 return
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)  # Serve's cache counts it from now on
+        self._in_transit.sent(replica_id.unique_id)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:

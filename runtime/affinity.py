@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Mapping
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 DEFAULT_VIRTUAL_NODES = 256
@@ -67,3 +69,41 @@ def choose(key: str | None, queue_lens: Mapping[str, int], ring: Ring, *,
     if queue_lens[owner] - queue_lens[least] > imbalance_threshold:
         return Choice(least, "fallback")
     return Choice(owner, "affinity")
+
+
+class InTransit:
+    """Calls assigned to a replica but not yet counted in Serve's queue-length cache.
+
+    Serve counts a call at a replica only once the caller, woken up later on the event
+    loop, sends it; until then every routing decision sees the old count, and a burst of
+    calls for one image all went to its owner (measured: nine in a row at 0 vs 2). A call
+    is added when assigned and taken off when sent; one never sent (its caller gave up)
+    stops counting after `ttl_s`.
+    """
+
+    def __init__(self, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._assigned: defaultdict[str, deque[float]] = defaultdict(deque)
+
+    def assigned(self, replica_id: str) -> None:
+        self._assigned[replica_id].append(self._clock())
+
+    def sent(self, replica_id: str) -> None:
+        times = self._assigned.get(replica_id)
+        if times:
+            times.popleft()
+
+    def count(self, replica_id: str) -> int:
+        times = self._assigned.get(replica_id)
+        if not times:
+            return 0
+        oldest_alive = self._clock() - self._ttl_s
+        while times and times[0] < oldest_alive:
+            times.popleft()
+        return len(times)
+
+    def forget(self, live: Iterable[str]) -> None:
+        """Drops replicas no longer live."""
+        for replica_id in set(self._assigned) - set(live):
+            del self._assigned[replica_id]

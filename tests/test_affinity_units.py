@@ -16,7 +16,7 @@ from deploy.affinity import route_key
 from router.known_refs import KnownRefs
 from router.schemas import ChatCompletionRequest
 from router.service import RouterConfig, RouterService, ServiceUnavailable
-from runtime.affinity import Ring, choose
+from runtime.affinity import InTransit, Ring, choose
 from runtime.embedding_dtype import embedding_bytes, to_float32, to_stored
 from runtime.messages import EmbeddingMeta, EmbeddingRef, GenerateChunk, GenerateRequest, SamplingParams
 
@@ -60,6 +60,27 @@ def test_choose_keeps_the_owner_until_it_is_far_busier_than_the_least_loaded():
     assert (at(7, 2).replica_id, at(7, 2).route) == ("r-b", "fallback")
     no_key = choose(None, {"r-a": 3, "r-b": 1}, ring, imbalance_threshold=4)
     assert (no_key.replica_id, no_key.route) == ("r-b", "load")
+
+
+def test_calls_assigned_but_not_sent_count_until_sent_or_stale():
+    now = [0.0]
+    transit = InTransit(ttl_s=2.0, clock=lambda: now[0])
+    ring = Ring.of(["a", "b"])
+    key = next(f"img{i}" for i in range(100) if ring.owner(f"img{i}") == "a")
+    chosen = []
+    for _ in range(8):  # a burst routed before Serve's cache has seen any of it (both at 0)
+        lens = {"a": transit.count("a"), "b": transit.count("b")}
+        choice = choose(key, lens, ring, imbalance_threshold=4)
+        transit.assigned(choice.replica_id)
+        chosen.append(choice.route)
+    assert chosen == ["affinity"] * 5 + ["fallback", "affinity", "fallback"]
+    transit.sent("a")
+    assert transit.count("a") == 5 and transit.count("b") == 2
+    now[0] = 2.5  # never sent (their callers gave up): they stop counting
+    transit.assigned("b")
+    assert transit.count("a") == 0 and transit.count("b") == 1
+    transit.forget(["b"])
+    assert transit.count("a") == 0 and transit.count("b") == 1
 
 
 def test_calls_route_by_the_encode_key_or_the_prompts_first_image():
