@@ -66,7 +66,9 @@ class ModelRunner:
             self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
             cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len,
                                     self.model.rope_theta)
-            self.cos, self.sin = cos.to(device.torch_device), sin.to(device.torch_device)
+            # In the model's dtype, as transformers' Llama casts them: q and k stay in it.
+            self.cos = cos.to(self.dtype).to(device.torch_device)
+            self.sin = sin.to(self.dtype).to(device.torch_device)
             # Constant index vectors, made once: torch.arange on the XLA device costs ms per call.
             positions = self.shapes.max_blocks_per_seq * self.shapes.block_size
             self.key_positions = torch.arange(positions).to(device.torch_device)

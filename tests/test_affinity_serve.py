@@ -24,9 +24,9 @@ from deploy.app import build_app
 from deploy.startup import wait_healthy
 
 APP, PREFIX = "affinity", "/affinity"
-# One tiny-checkpoint embedding in float32: the decoder runs float32 here (its bfloat16 path fails
-# warm-up on the CPU backend, outside this issue), so embeddings are stored in float32; bfloat16
-# storage is checked through the decoder in tests/test_affinity_units.py.
+# One tiny-checkpoint embedding in float32: the decoder runs float32 here, so embeddings are
+# stored in float32; bfloat16 storage is checked through the decoder in
+# tests/test_affinity_units.py, a bfloat16 decoder in tests/test_decoder_reference.py.
 EMBEDDING_BYTES = 16 * 64 * 4
 ENCODER_CACHE_BYTES = 16 * EMBEDDING_BYTES  # per encoder replica: 8 images fit, 300 do not
 QUESTIONS = ("What is in this picture?", "Which colours do you see?", "Describe the texture.",

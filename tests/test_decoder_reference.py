@@ -27,7 +27,7 @@ def _case(processor, model, photos, text, num_images, max_tokens, text_before=No
     with torch.no_grad():
         features = []
         if num_images:
-            features = [f.numpy() for f in
+            features = [f.float().numpy() for f in
                         model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output]
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
@@ -74,9 +74,10 @@ def test_greedy_tokens_match_transformers_generate(decoder_service, reference_ll
     assert decoder_service.runner.guard.compilations_after_warmup == 0
 
 
-def _compare(service, cases, specs, noise=3):
+def _compare(service, cases, specs, noise=3, near_tie=NEAR_TIE):
     """Runs the cases at once (plus `noise` sampled neighbours); asserts greedy tokens equal the
-    reference up to a near-tie. Returns (near-ties, tokens compared)."""
+    reference up to a near-tie (top-two logits within `near_tie`). Returns (near-ties, tokens
+    compared)."""
     store, model_id = service.store, service.model_id
 
     async def run_all():
@@ -93,7 +94,7 @@ def _compare(service, cases, specs, noise=3):
 
     ties, compared_tokens = 0, 0
     for (ids, _, expected, gaps), (tokens, _, _, _), spec in zip(cases, asyncio.run(run_all()), specs):
-        limit = next((s for s, gap in enumerate(gaps) if gap < NEAR_TIE), len(expected))
+        limit = next((s for s, gap in enumerate(gaps) if gap < near_tie), len(expected))
         ties += limit < len(expected)
         assert tokens[:limit] == expected[:limit], f"case {spec[0][:30]!r} with {spec[1]} images"
         assert len(tokens) == len(expected)
@@ -180,3 +181,31 @@ def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpo
         assert runner.guard.compilations_after_warmup == 0
     finally:
         service.shutdown()
+
+
+def test_a_bfloat16_decoder_follows_transformers_in_bfloat16(tiny_checkpoint, reference_llava, photos):
+    """`dtype: bfloat16` (weights, KV cache, rotary tables; embeddings widened from bfloat16)
+    against transformers' LLaVA loaded in bfloat16. bfloat16 logits come in steps of 1/32 at
+    the tiny model's magnitudes and tie exactly often, so a near-tie here is 0.05."""
+    from transformers import LlavaForConditionalGeneration
+
+    from decoder_service.config import DecoderConfig
+    from decoder_service.service import DecoderService
+    from runtime.object_store import LocalObjectStore
+
+    processor, _ = reference_llava
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).eval()
+    specs = [("Tell me a story.", 0, 24), ("What is in this picture?", 1, 24),
+             ("Compare these.", 2, 16), ("hello", 0, 30)]
+    cases = [_case(processor, model, photos, *spec) for spec in specs]
+    service = DecoderService(DecoderConfig(
+        model=str(tiny_checkpoint), dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+        max_images_per_request=4, max_num_batched_tokens=64, strict_compile=True), LocalObjectStore())
+    try:
+        assert service.runner.cache.keys[0].dtype == torch.bfloat16
+        _, compared = _compare(service, cases, specs, noise=0, near_tie=0.05)
+        assert compared >= 15
+        assert service.runner.guard.compilations_after_warmup == 0
+    finally:
+        service.shutdown()
+
