@@ -31,7 +31,9 @@ keeps the others' results. `--smoke` checks the harness in minutes (at most conc
 for the `tiny` checkpoint's head size (16): its engine fails on the first request, so smoke
 vLLM on `small`. A server that turns unhealthy keeps the runs it finished; the rest are skipped.
 
-Raw reports (JSON + PNG per run, server logs) go to `bench-results/peers/`; the tables,
+`--family next` runs the same on the LLaVA-NeXT demo checkpoint (issue 17; `peers` runs only).
+
+Raw reports (JSON + PNG per run, server logs) go to `bench-results/peers/` (`peers-next/`); the tables,
 machine, versions and command lines go into `docs/benchmarks.md`, `peers` runs under
 `peers_doc.SECTION` and `issue13` runs under `issue13_doc.SECTION` (other sections of that
 file are left as they are; an `### Analysis` subsection is kept).
@@ -180,6 +182,9 @@ def run_server(server: Server, args, out_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--family", default="llava", choices=("llava", "next"),
+                        help="the demo checkpoint's family: LLaVA-1.5 or LLaVA-NeXT (anyres; its "
+                        "`peers` runs go under peers_doc.NEXT_SECTION)")
     parser.add_argument("--servers", default="transformers,transformers-cb,vllm,splitserve")
     parser.add_argument("--workloads", type=selected_workloads, default="peers",
                         help="runs or groups of runs, comma-separated: peers (c1,c4,c16,cache,"
@@ -210,19 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--doc", type=Path)
     args = parser.parse_args(argv)
-    args.out_dir = args.out_dir or ROOT / "bench-results" / ("peers-smoke" if args.smoke else "peers")
+    if args.family == "next" and set(args.workloads) & set(GROUPS["issue13"]):
+        parser.error("--family next: the issue13 runs are LLaVA-1.5's; choose from the peers group")
+    stem = "peers" if args.family == "llava" else f"peers-{args.family}"
+    args.out_dir = args.out_dir or ROOT / "bench-results" / (f"{stem}-smoke" if args.smoke else stem)
     args.doc = args.doc or (args.out_dir / "benchmarks.md" if args.smoke else ROOT / "docs" / "benchmarks.md")
     server_names = args.servers.split(",")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.nice:
         prioritize(os.getpid(), args.nice)
 
-    checkpoint = cached_demo_checkpoint(args.size)
+    checkpoint = cached_demo_checkpoint(args.size, family=args.family)
     known = servers(checkpoint, args)
     unknown = [n for n in server_names if n not in known]
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {', '.join(known)}")
-    results = {"machine": machine(), "size": args.size, "checkpoint": str(checkpoint),
+    results = {"machine": machine(), "size": args.size, "family": args.family, "checkpoint": str(checkpoint),
                "script": shlex.join([Path(sys.executable).relative_to(ROOT).as_posix()
                                      if Path(sys.executable).is_relative_to(ROOT) else sys.executable,
                                      "benchmarks/compare_peers.py", *(argv or sys.argv[1:])]),
@@ -263,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results, summary)
     measured = {run for server in results["servers"].values() for run in server["runs"]}
     if measured & set(GROUPS["peers"]):
-        plot = peers_doc.plot_peers(results, args.doc.parent / "benchmarks-peers.png")
+        plot = peers_doc.plot_peers(results, args.doc.parent / f"benchmarks-{stem}.png")
         peers_doc.update_doc(args.doc, peers_doc.render_section(results, plot.relative_to(args.doc.parent)))
-        print(f"wrote {plot} and the {peers_doc.SECTION!r} section of {args.doc}")
+        print(f"wrote {plot} and the {peers_doc.section_title(results)!r} section of {args.doc}")
     if measured & set(GROUPS["issue13"]):
         peers_doc.update_doc(args.doc, issue13_doc.render_section(results))
         print(f"wrote the {issue13_doc.SECTION!r} section of {args.doc}")

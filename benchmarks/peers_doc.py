@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 SECTION = "## Peers: splitserve vs transformers serve"
+NEXT_SECTION = "## Issue 17: LLaVA-NeXT, splitserve vs transformers serve and vLLM"
 ANALYSIS = "### Analysis"
 TITLES = {"transformers": "transformers serve", "transformers-cb": "transformers serve --continuous-batching",
           "vllm": "vLLM (CPU backend)", "splitserve": "splitserve"}
@@ -70,7 +71,7 @@ def setup_lines(results: dict) -> list[str]:
            "(`PJRT_DEVICE=CPU`), transformers serve runs eager torch (`--device cpu`), vLLM its CPU "
            "backend (`shared/peers/vllm-cpu/serve.sh`: float32, chunked prefill, prefix caching and "
            "torch.compile on, as it ships).",
-           f"- **Checkpoint**: the `{results['size']}` demo checkpoint (`{results['checkpoint']}`), "
+           f"- **Checkpoint**: the `{checkpoint_name(results)}` demo checkpoint (`{results['checkpoint']}`), "
            "random weights, the same files for every server (for vLLM a copy with the vision tower's "
            "tensors renamed to the llava-hf layout its loader expects).",
            "- **Each server runs alone**: the previous one is stopped before the next starts. The "
@@ -111,13 +112,24 @@ def command_lines(results: dict, runs: list[str]) -> list[str]:
     return out + ["```", ""]
 
 
+def section_title(results: dict) -> str:
+    """The LLaVA-1.5 peers section, or issue 17's for a LLaVA-NeXT checkpoint (`--family next`)."""
+    return NEXT_SECTION if results.get("family") == "next" else SECTION
+
+
+def checkpoint_name(results: dict) -> str:
+    """`small`, `next-small`: the demo checkpoint's name in `splitserve demo-checkpoint` terms."""
+    family = results.get("family", "llava")
+    return results["size"] if family == "llava" else f"{family}-{results['size']}"
+
+
 def render_section(results: dict, plot_path: Path) -> str:
     servers = results["servers"]
     names = [n for n in TITLES if n in servers]
     runs = [r for r in RUN_ORDER[:-1] if any(r in s["runs"] for s in servers.values())]
     measured = [s["runs"] for s in servers.values() if set(s["runs"]) & set(RUN_ORDER)]
     w = (measured[0].get("c1") or next(v for k, v in measured[0].items() if k in RUN_ORDER))["workload"]
-    out = [SECTION, "", *setup_lines(results),
+    out = [section_title(results), "", *setup_lines(results),
            f"Workload (`splitserve bench`): {w['images_per_request']} image per request, each a "
            f"new crop of a real photo (JPEG, longer side <= {w['image_max_side']} px, "
            f"~{w['mean_image_bytes'] / 1024:.0f} KiB), a {w['prompt_words']}-word prompt, exactly "
@@ -157,14 +169,15 @@ def render_section(results: dict, plot_path: Path) -> str:
     throughput = ratio_to_best_peer(results, "c16", "output_throughput", None, True)
     long = ratio_to_best_peer(results, "c16-long", "output_throughput", None, True)
     cache = _cache_ratio(servers.get("splitserve", {}).get("runs", {}).get("cache"))[2]
-    out += ["", "### Targets", "",
-            target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
-                    throughput, lambda r: r >= 2.0, "x"),
-            target("the same with longer answers (the `c16-long` rows; not the target's workload)",
-                    long, lambda r: r >= 2.0, "x"),
-            target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
-                    lambda r: r <= 0.5, ""),
-            "", "### Start-up and other work on the machine", "",
+    targets = [] if results.get("family") == "next" else [  # issue 12's, on LLaVA-1.5
+        "", "### Targets", "",
+        target("splitserve output tok/s at concurrency 16 >= 2x the best peer mode",
+               throughput, lambda r: r >= 2.0, "x"),
+        target("the same with longer answers (the `c16-long` rows; not the target's workload)",
+               long, lambda r: r >= 2.0, "x"),
+        target("splitserve TTFT of a cached image <= 0.5x an uncached one", cache,
+               lambda r: r <= 0.5, "")]
+    out += [*targets, "", "### Start-up and other work on the machine", "",
             *load_lines(results, list(RUN_ORDER)), "### Command lines", "",
             *command_lines(results, list(RUN_ORDER))]
     return "\n".join(out)
@@ -214,7 +227,7 @@ def plot_peers(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     right.set_yscale("log")
     left.legend(fontsize=8)
-    fig.suptitle(f"{results['size']} checkpoint, {results['machine']['cores']}-core CPU")
+    fig.suptitle(f"{checkpoint_name(results)} checkpoint, {results['machine']['cores']}-core CPU")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

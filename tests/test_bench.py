@@ -113,6 +113,38 @@ def test_compare_peers_runs_issue13_as_one_set_and_writes_its_section(tmp_path):
     assert "<= 0.3x first sight: **0.20x, met**" in text
 
 
+def test_a_llava_next_peers_run_writes_its_own_section(tmp_path):
+    from benchmarks import compare_peers, peers_doc
+
+    with pytest.raises(SystemExit):  # issue 13's runs are LLaVA-1.5's
+        compare_peers.main(["--family", "next", "--workloads", "issue13"])
+    args = compare_peers.argparse.Namespace(prompt_words=8, output_tokens=32, cache_requests=16,
+                                            long_output_tokens=128, smoke=False)
+
+    def report(name):
+        concurrency, spec = compare_peers.workloads(args)[name]
+        ms = {"mean": 100.0, "median": 100.0, "p99": 300.0, "std": 0.0, "count": 8}
+        return {"config": {"max_concurrency": concurrency}, "errors": 0, "output_throughput": 10.0,
+                "request_throughput": 1.0, "workload": build_workload(replace(spec, num_requests=2)).summary(),
+                "ttft_ms": ms, "ttft_ms_new_images": ms, "ttft_ms_repeated_images": ms,
+                "cpu_busy_before": 0.0, "cpu_other_during": 0.0, "prefix_cache": None}
+
+    servers = {name: {"argv": name, "startup_s": 1.0, "commands": {},
+                      "runs": {run: report(run) for run in ("c1", "c4", "c16", "cache")}}
+               for name in ("transformers", "vllm", "splitserve")}
+    results = {"machine": {"cpu": "cpu", "cores": 2, "memory_gb": 1.0, "os": "os", "python": "3",
+                           "commit": "abc", "versions": {}},
+               "size": "tiny", "family": "next", "checkpoint": "ckpt", "script": "compare_peers.py",
+               "started_at": "now", "nice": 0, "servers": servers}
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{peers_doc.SECTION}\n\nLLaVA-1.5's, kept\n")
+    peers_doc.update_doc(doc, peers_doc.render_section(results, Path("next.png")))
+    text = doc.read_text()
+    assert f"{peers_doc.SECTION}\n\nLLaVA-1.5's, kept" in text and text.count(peers_doc.NEXT_SECTION) == 1
+    section = text[text.index(peers_doc.NEXT_SECTION):]
+    assert "the `next-tiny` demo checkpoint" in section and "### Targets" not in section
+
+
 def test_summary_follows_vllm_definitions():
     a = RequestResult(0, 1, False, sent=True, start_s=0.0, ttft_s=0.5, latency_s=1.5,
                       chunk_times_s=[0.5, 1.0, 1.5], output_tokens=3, usage_reported=True)
