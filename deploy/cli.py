@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     become healthy exits non-zero with the cause (`deploy/startup.py`)."""
     import signal
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from deploy.app import AppArgs, build_app, resolve_model
 
@@ -45,11 +46,16 @@ def _serve(args: argparse.Namespace) -> int:
                        encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas,
                        compile_cache=args.compile_cache)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
-    try:
-        app = build_app(app_args)  # checks the deploy against the model before Ray starts
-    except ValueError as exc:
-        print(f"splitserve: cannot deploy {model}: {exc}", file=sys.stderr, flush=True)
-        return 2
+    # Checking the deploy against the model (its config and processor: seconds of imports) runs
+    # beside Ray's and Serve's start-up, not before it; a deploy that fails the check stops
+    # both before any replica is asked for.
+    # The check imports torch_xla (transformers does, through accelerate), which sets
+    # PJRT_DEVICE itself: set it first, as every local replica would choose, so that Ray's
+    # processes, started meanwhile, inherit one value whatever the timing.
+    from runtime.device import xla_environment
+
+    os.environ.update(xla_environment(os.environ))
+    checking = ThreadPoolExecutor(1, thread_name_prefix="check-deploy").submit(build_app, app_args)
 
     import ray
     from ray import serve
@@ -65,6 +71,12 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            app = checking.result()
+        except ValueError as exc:
+            print(f"splitserve: cannot deploy {model}: {exc}", file=sys.stderr, flush=True)
+            drain = False  # nothing deployed yet
+            return 2
         print("splitserve: deploying; the encoder compiles its buckets and the decoder its two "
               "covering graphs first (the rest compile once it serves) ...", flush=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
