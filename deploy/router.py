@@ -144,6 +144,8 @@ class RouterServer:
         self._decoder = decoder
         self._settings = settings
         self._service: RouterService | None = None
+        self._answered: set[str] = set()  # halves whose info() came back: warm
+        self._failure: StartupFailed | None = None  # the last build's, until one succeeds
         self._lock = asyncio.Lock()
         self._latency = LatencyMetrics()
         http_app.state.max_request_bytes = settings.get("max_request_bytes",
@@ -162,10 +164,11 @@ class RouterServer:
         self._warming = loop.create_task(self.service())
         self._warming.add_done_callback(self._log_startup_failure)
 
-    @staticmethod
-    def _log_startup_failure(task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logging.getLogger(__name__).error("router: %s", task.exception())
+    def _log_startup_failure(self, task: asyncio.Task) -> None:
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            logging.getLogger(__name__).error("router: %s", failure)
+        self._failure = failure if isinstance(failure, StartupFailed) else None
 
     async def service(self) -> RouterService:
         """The service, built once; StartupFailed says why it cannot be (retried on each call)."""
@@ -177,9 +180,14 @@ class RouterServer:
     async def _build(self) -> RouterService:
         # Not ready yet (replicas still warming, or unreachable for now) is not a failure:
         # transport errors pass through as they are; anything else means the app cannot start.
+        async def info(half: str, handle: DeploymentHandle) -> dict:
+            answer = await handle.info.remote()  # a replica answers once it is warm
+            self._answered.add(half)
+            return answer
+
         try:
-            encoder, decoder = await asyncio.gather(self._encoder.info.remote(),
-                                                    self._decoder.info.remote())
+            encoder, decoder = await asyncio.gather(info("encoder", self._encoder),
+                                                    info("decoder", self._decoder))
         except RayTaskError as error:
             cause = raised_by_service(error)
             raise StartupFailed(f"info() failed: {type(cause).__name__}: {cause}") from error
@@ -223,8 +231,10 @@ class RouterServer:
     @http_app.get("/health")
     async def health(self):
         """200 once the encoder and decoder replicas are warm (they answer only after warm-up);
-        otherwise a JSON 503 saying why: `startup_failed` when the app cannot start at all,
-        `unavailable` while it is still starting."""
+        otherwise a JSON 503 saying why, at once: `startup_failed` when the app cannot start
+        at all, `unavailable` naming the halves still warming up while it is starting."""
+        if self._service is None:
+            return self._starting()
         try:
             stats = await asyncio.wait_for(self.stats(), HEALTH_TIMEOUT_S)
         except StartupFailed as exc:
@@ -235,6 +245,19 @@ class RouterServer:
         return {"status": "ok", **{half: {key: stats[half].get(key) for key in (
             "graphs_compiled", "graphs_planned", "compilations_after_warmup")}
             for half in ("encoder", "decoder")}}
+
+    def _starting(self):
+        """/health before the service is built: the last build's failure, or who is not warm
+        yet (a failed or finished build is started again, as any request would)."""
+        if self._warming.done():
+            self._warming = asyncio.get_running_loop().create_task(self.service())
+            self._warming.add_done_callback(self._log_startup_failure)
+        if self._failure is not None:
+            return http_api.error_for(self._failure)
+        waiting = [half for half in ("encoder", "decoder") if half not in self._answered]
+        return http_api.error_response(
+            503, f"warming up: {', '.join(waiting)}" if waiting else "warming up: the router",
+            "unavailable")
 
     async def stats(self) -> dict:
         service = await self.service()

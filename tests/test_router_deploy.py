@@ -4,6 +4,7 @@ anything else a 500, always the JSON error shape), and halves that disagree make
 endpoint, `/health` included, a JSON 503 saying why, which the CLI's wait loop reads as a
 failure at once (issue 12)."""
 
+import threading
 import time
 
 import httpx
@@ -21,8 +22,9 @@ TINY_TOKENS_PER_IMAGE = 16
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class FakeEncoder:
-    def __init__(self, tokens_per_image: int) -> None:
+    def __init__(self, tokens_per_image: int, warmup_s: float = 0.0) -> None:
         self.tokens_per_image = tokens_per_image
+        time.sleep(warmup_s)  # a replica compiling its graphs
 
     def info(self) -> dict:
         return {"model_id": "m", "hidden_size": 64, "tokens_per_image": self.tokens_per_image,
@@ -61,11 +63,16 @@ class FakeDecoder:
         return {"compilations_after_warmup": 0}
 
 
-def _deploy(ray_serve, serve_http_port, name, model_path, encoder_tokens, decoder_tokens):
-    app = RouterDeployment.bind(FakeEncoder.bind(encoder_tokens),
+def _deploy(ray_serve, serve_http_port, name, model_path, encoder_tokens, decoder_tokens,
+            encoder_warmup_s=0.0):
+    app = RouterDeployment.bind(FakeEncoder.bind(encoder_tokens, encoder_warmup_s),
                                 FakeDecoder.bind(str(model_path), decoder_tokens),
                                 {"served_model_name": "fake", "fetch": {}})
-    ray_serve.run(app, name=name, route_prefix=f"/{name}")
+    deploy = lambda: ray_serve.run(app, name=name, route_prefix=f"/{name}")  # noqa: E731
+    if encoder_warmup_s:  # serve.run returns once every replica is up: ask /health meanwhile
+        threading.Thread(target=deploy, daemon=True).start()
+    else:
+        deploy()
     return f"http://127.0.0.1:{serve_http_port}/{name}"
 
 
@@ -87,8 +94,6 @@ def disagreeing(ray_serve, serve_http_port, tiny_checkpoint):
 
 
 def _never():
-    import threading
-
     return threading.Event()
 
 
@@ -142,3 +147,32 @@ def test_halves_that_disagree_answer_json_503s_that_say_why(disagreeing):
                   httpx.get(f"{disagreeing}/v1/models", timeout=30), _chat(disagreeing, 5)):
         error = _error(reply, 503)
         assert error["type"] == "startup_failed" and "tokens_per_image: 16 vs 576" in error["message"]
+
+
+def test_health_names_the_half_still_warming_up_at_once(ray_serve, serve_http_port, tiny_checkpoint):
+    url = _deploy(ray_serve, serve_http_port, "fakes-slow", tiny_checkpoint, TINY_TOKENS_PER_IMAGE,
+                  TINY_TOKENS_PER_IMAGE, encoder_warmup_s=20)
+    try:
+        messages, slowest, deadline = [], 0.0, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                reply = httpx.get(f"{url}/health", timeout=30)
+            except httpx.TransportError:  # the proxy has no route yet
+                time.sleep(0.2)
+                continue
+            if reply.headers.get("content-type", "").startswith("application/json"):
+                if messages:  # (the first may have waited for the router replica itself)
+                    slowest = max(slowest, time.monotonic() - started)
+                if reply.status_code == 200:
+                    break
+                messages.append(_error(reply, 503)["message"])
+            time.sleep(0.2)
+        assert reply.status_code == 200, messages[-3:]
+        assert "warming up: encoder" in messages  # the decoder answered, the encoder still sleeps
+        assert set(messages) <= {"warming up: encoder, decoder", "warming up: encoder",
+                                 "warming up: the router"}, set(messages)
+        assert slowest < 2.0  # no waiting on halves that cannot answer yet
+    finally:
+        ray_serve.delete("fakes-slow")
+
