@@ -370,18 +370,21 @@ class RouterService:
         return merge_choices(prepared.n, lambda index: self._generate(prepared.choice(index)))
 
     async def _generate(self, prepared: _Prepared) -> AsyncIterator[GenerateChunk]:
-        """Decoder chunks. A failure before the first chunk (an embedding lost with its owner,
-        which is encoded again, or a decoder replica that died) is retried, once."""
+        """Decoder chunks. A failure before the first chunk is retried, once per cause: an
+        embedding lost with its owner is encoded again, a decoder replica that died is
+        replaced (both happen to one request when an encoder and a decoder die together)."""
         request, outcome = prepared.request, "cancelled"
+        reencoded = rerouted = False
         self.counters["requests_generating"] += 1
         try:
-            for attempt in range(2):
+            while True:
                 stream = self.decoder.generate(request)
                 try:
                     first = await anext(stream)
                 except EmbeddingLostError:
-                    if attempt or not prepared.blobs:
+                    if reencoded or not prepared.blobs:
                         raise
+                    reencoded = True
                     log.warning("request %s: an image embedding was lost; encoding again",
                                 request.request_id)
                     self.counters["reencoded_lost"] += 1
@@ -390,8 +393,9 @@ class RouterService:
                     request = dataclasses.replace(request, images=tuple(refs))
                     continue
                 except ServiceUnavailable as error:
-                    if attempt:
+                    if rerouted:
                         raise
+                    rerouted = True
                     self._count_retry("decoder", request.request_id, error)
                     continue
                 last = time.monotonic()

@@ -224,9 +224,18 @@ async def test_one_failure_is_retried_and_the_request_answers(tiny_checkpoint, e
     assert service.counters[counter] == 1 and service.counters["requests_generating"] == 0
 
 
+@pytest.mark.parametrize("decoder_steps", [("died", "lost", "ok"), ("lost", "died", "ok")])
+async def test_a_dead_decoder_and_a_lost_embedding_are_each_retried(tiny_checkpoint, decoder_steps):
+    """An encoder and a decoder replica killed together: one request meets both failures."""
+    service = _service(tiny_checkpoint, ScriptedEncoder("ok", "ok"), ScriptedDecoder(*decoder_steps))
+    reply = await service.complete(_body())
+    assert reply.choices[0].message.content == "t0 t1 t2 "
+    assert service.counters["decoder_retries"] == 1 and service.counters["reencoded_lost"] == 1
+
+
 @pytest.mark.parametrize("encoder_steps, decoder_steps", [
     (("died", "died"), ()), (("flaky", "flaky"), ()), (("died", "flaky"), ()),
-    (("ok",), ("died", "died")),
+    (("ok",), ("died", "died")), (("ok", "ok"), ("died", "lost", "died")),
 ])
 async def test_a_second_failure_is_a_503(tiny_checkpoint, encoder_steps, decoder_steps):
     service = _service(tiny_checkpoint, ScriptedEncoder(*encoder_steps), ScriptedDecoder(*decoder_steps))
