@@ -10,7 +10,8 @@ owner's queue is longer than the least loaded replica's by more than
 `imbalance_threshold` requests. Queue lengths are Serve's own cache of each
 replica's ongoing requests (updated as calls are sent and finish, probed when
 missing) plus the calls this router assigned that are not sent yet
-(`runtime.affinity.InTransit`: without them a burst for one image all went to its owner). A call without a key (text only, `info`, `stats`) goes to the least loaded.
+(`runtime.affinity.InTransit`: without them a burst for one image all went to its
+owner). A call without a key (text only, `info`, `stats`) goes to the least loaded.
 
 The ring is rebuilt when Serve reports a new replica set: a replica that dies or is
 added moves only its share of keys. Each routed call counts in the Prometheus
