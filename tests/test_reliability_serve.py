@@ -131,6 +131,15 @@ async def router_stats() -> dict:
     return (await serve.get_app_handle(APP).stats.remote())["router"]
 
 
+async def calls_sent_to_encoders(count: int, timeout_s: float = 60) -> None:
+    """Waits until the router has made `count` encoder calls in all (parsing and hashing
+    megabytes of images takes it a second or more on this machine)."""
+    deadline = time.monotonic() + timeout_s
+    while (await router_stats())["encoder_calls"] < count:
+        assert time.monotonic() < deadline, f"the router made fewer than {count} encoder calls"
+        await asyncio.sleep(0.05)
+
+
 def load_gauges(metrics_port: int) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     totals = {name: 0.0 for name in LOAD_GAUGES}
@@ -273,7 +282,8 @@ async def test_encoder_replica_death_mid_load_is_retried_on_the_other(app_url, m
     async with httpx.AsyncClient(base_url=app_url, timeout=120) as client:
         calls = [asyncio.create_task(client.post("/v1/chat/completions", json=image_request(u)))
                  for u in urls]
-        await asyncio.sleep(1.0)
+        await calls_sent_to_encoders(before["encoder_calls"] + len(urls))
+        await asyncio.sleep(0.5)  # accepted by the replicas, which decode for seconds
         await asyncio.to_thread(kill, "encoder")
         replies = await asyncio.gather(*calls)
     after = await router_stats()
