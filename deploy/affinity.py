@@ -57,7 +57,7 @@ class ImageAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._ring = Ring.of((r.replica_id.unique_id for r in replicas), self._virtual_nodes)
-        self._in_transit.forget(self._ring.owners)
+        self._in_transit.forget(r.replica_id.unique_id for r in replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)  # before the controller says so: its keys move now

@@ -55,7 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.device import xla_environment
 
     os.environ.update(xla_environment(os.environ))
-    checking = ThreadPoolExecutor(1, thread_name_prefix="check-deploy").submit(build_app, app_args)
+    checker = ThreadPoolExecutor(1, thread_name_prefix="check-deploy")
+    checking = checker.submit(build_app, app_args)
+    checker.shutdown(wait=False)  # the submitted check still runs; the thread ends after it
 
     import ray
     from ray import serve
