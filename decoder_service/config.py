@@ -32,7 +32,7 @@ class DecoderConfig:
     min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
     min_attention_len: int = 32  # smallest attended-context bucket, in tokens
     enable_prefix_caching: bool = True
-    full_warmup: bool = False  # compile every graph before serving (else: the covering two)
+    full_warmup: bool = False  # compile every graph before serving (else: the covering prefill)
     background_compile_share: float = 0.1  # under load, at most this share of time compiling
     strict_compile: bool = False
 

@@ -11,7 +11,13 @@ Each sequence's chunks go to its `sink` callback, called on the engine thread.
 Graphs not compiled at start-up compile on the engine thread, between steps: whenever
 the engine is idle, and under load only while compiling has taken at most
 `background_compile_share` of the time since the replica became ready (each compile
-stalls running sequences for its duration, so the share bounds the stalls).
+stalls running sequences for its duration, so the share bounds the stalls). Idle compiles
+wait while less than half the host's CPUs are idle (`runtime.host_cpu`): replicas beside
+this one may still be warming up, and their readiness comes first. The replica
+serves on one graph, the covering prefill graph: until the decode family's covering graph
+is compiled, decodes run on it as one-token chunks, a few sequences per step. Under load
+that graph compiles, outside the share, once those slow decode steps have cost as long as
+compiling the prefill graph took (a ski-rental rule: at most twice the best stall).
 
 Faults stay with their requests: a graph that raises fails the sequences it held,
 a post-processing or sink that raises fails its own sequence; the engine goes on
@@ -28,10 +34,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decoder_service.detokenizer import IncrementalDetokenizer
-from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need
+from decoder_service.inputs import (
+    build_decode,
+    build_prefill,
+    decode_need,
+    decodes_as_chunks,
+    prefill_need,
+)
 from decoder_service.sampler import SampledRow, unpack
 from decoder_service.scheduler import Chunk, Scheduler
 from decoder_service.sequence import Sequence
+from runtime.host_cpu import HostCpu
 from runtime.messages import GenerateChunk, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -54,11 +67,13 @@ class Request:
 
 class Engine:
     def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int, *,
-                 background_compile_share: float = 0.1) -> None:
+                 background_compile_share: float = 0.1, host_cpu: HostCpu | None = None) -> None:
         self.runner = runner
+        self.host_cpu = host_cpu or HostCpu()
         self.background_compile_share = background_compile_share
         self._ready_at = time.monotonic()
         self._compile_s_under_load = 0.0
+        self._decodes_on_prefill_s = 0.0  # decode steps run on the prefill graph
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
@@ -68,6 +83,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = {"prefill": 0, "decode": 0, "mixed": 0}  # mixed: both graphs in one step
+        self.decode_steps_on_prefill = 0  # decode steps run on the prefill graph (none compiled)
         self.tokens_generated = 0
         self.prompt_tokens = 0  # prompt (and recomputed) tokens run through prefill
         self.step_errors = 0
@@ -106,6 +122,7 @@ class Engine:
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
                 "mixed_steps": self.steps["mixed"],
+                "decode_steps_on_prefill_graph": self.decode_steps_on_prefill,
                 "graphs_compiled": self.runner.graphs_compiled,
                 "graphs_planned": self.runner.graphs_planned,
                 "compilations_after_warmup": self.runner.guard.compilations_after_warmup}
@@ -127,7 +144,9 @@ class Engine:
 
     def _compile_in_background(self, busy: bool) -> bool:
         """One more graph, if any is left and the policy allows it now."""
-        if busy:
+        if not busy and not self.host_cpu.has_spare():
+            return False  # replicas beside this one are busy (still warming up?): not now
+        if busy and not self._decode_graph_pays():
             allowed = self.background_compile_share * (time.monotonic() - self._ready_at)
             if self._compile_s_under_load >= allowed:
                 return False
@@ -136,6 +155,13 @@ class Engine:
         if busy:
             self._compile_s_under_load += time.monotonic() - t0
         return compiled
+
+    def _decode_graph_pays(self) -> bool:
+        """No decode graph yet, and decoding without one has cost a compile's time already."""
+        if self.runner.can_decode:
+            return False
+        cost = max(self.runner.compile_seconds.values(), default=0.0)
+        return self._decodes_on_prefill_s >= cost
 
     def _drain_inbox(self) -> None:
         while True:
@@ -173,6 +199,14 @@ class Engine:
 
     def _run_decodes(self, seqs: list[Sequence]) -> None:
         r = self.runner
+        if not r.can_decode:
+            started = time.monotonic()
+            for group in decodes_as_chunks(seqs, r.shapes, r.plans["prefill"].covering):
+                self._run("decode", [c.seq for c in group], self._prefill_compute(group),
+                          [c.end for c in group])
+                self.decode_steps_on_prefill += 1
+            self._decodes_on_prefill_s += time.monotonic() - started
+            return
 
         def compute() -> list[SampledRow]:
             graph = r.graph_for("decode", decode_need(seqs, r.shapes))
@@ -181,16 +215,19 @@ class Engine:
         self._run("decode", seqs, compute, [s.num_tokens for s in seqs])
 
     def _run_chunks(self, chunks: list[Chunk]) -> None:
-        r = self.runner
         self.prompt_tokens += sum(c.num_tokens for c in chunks)
+        self._run("prefill", [c.seq for c in chunks], self._prefill_compute(chunks),
+                  [c.end for c in chunks], sampled=[c.completes for c in chunks])
+
+    def _prefill_compute(self, chunks: list[Chunk]) -> Callable[[], list[SampledRow]]:
+        r = self.runner
 
         def compute() -> list[SampledRow]:
             graph = r.graph_for("prefill", prefill_need(chunks, r.shapes))
             inputs = build_prefill(chunks, r.shapes, graph=graph, hidden_size=r.hidden_size,
                                    vocab_size=r.vocab_size)
             return unpack(r.prefill(inputs), len(chunks))
-        self._run("prefill", [c.seq for c in chunks], compute, [c.end for c in chunks],
-                  sampled=[c.completes for c in chunks])
+        return compute
 
     def _run(self, kind: str, seqs: list[Sequence], compute: Callable[[], list[SampledRow]],
              computed: list[int], sampled: list[bool] | None = None) -> None:

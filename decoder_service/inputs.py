@@ -108,6 +108,30 @@ def prefill_need(chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
             sum(-(-c.end // shapes.block_size) for c in chunks))
 
 
+def decodes_as_chunks(seqs: list[Sequence], shapes: DecoderShapes,
+                      graph: tuple[int, int]) -> list[list[Chunk]]:
+    """Decodes as one-token prefill chunks (their last token, whose logits give the next),
+    grouped so that each group fits the prefill graph `graph` (tokens, context blocks) and
+    `max_prefill_seqs`: how a replica decodes before its decode graphs are compiled."""
+    groups: list[list[Chunk]] = []
+    blocks = 0
+    for seq in seqs:
+        chunk = Chunk(seq, seq.num_tokens - 1, seq.num_tokens)
+        need = -(-chunk.end // shapes.block_size)
+        if need > graph[1]:
+            raise ValueError(f"a sequence of {seq.num_tokens} tokens needs {need} context blocks; "
+                             f"the prefill graph {graph} holds {graph[1]}")
+        group = groups[-1] if groups else None
+        if (group is None or len(group) == min(shapes.max_prefill_seqs, graph[0])
+                or blocks + need > graph[1]):
+            groups.append([chunk])
+            blocks = need
+        else:
+            group.append(chunk)
+            blocks += need
+    return groups
+
+
 def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, graph: tuple[int, int],
                  vocab_size: int) -> DecodeInputs:
     """`graph`: (batch, blocks), at least `decode_need` (the runner picks a compiled one)."""

@@ -6,11 +6,13 @@ Compile discipline (after vLLM's TPU model runner):
 - a graph is embed (+ image merge), layers, sampling. Inside it there is no `.item()`,
   no `.cpu()`, no boolean-mask indexing, no data-dependent shape;
 - the graphs are the (chunk tokens, context blocks) prefill family and the (batch, blocks)
-  decode family of `DecoderShapes`. `warm_up` compiles the covering graph of each family
-  (the largest, which every step fits by padding up), so the replica can serve; with
-  `full=True` it compiles every graph before returning. `compile_next` compiles one more
-  outside any step (the engine calls it between steps); each step runs on the cheapest
-  compiled graph that fits it (`graph_for`), and on exactly its buckets once all are in;
+  decode family of `DecoderShapes`. `warm_up` compiles one graph, the prefill family's
+  covering one (the largest, which every chunk fits by padding up), so the replica can
+  serve: until a decode graph exists, decodes run on it as one-token chunks
+  (`inputs.decodes_as_chunks`). With `full=True` it compiles every graph before returning.
+  `compile_next` compiles one more outside any step (the engine calls it between steps),
+  the decode family's covering graph first; each step runs on the cheapest compiled graph
+  that fits it (`graph_for`), and on exactly its buckets once all are in;
 - after warm-up the compile guard checks every step: a graph made inside one is a bug.
 The runner makes no policy decisions: the scheduler chooses what runs.
 Not thread-safe: one engine thread calls it.
@@ -83,7 +85,8 @@ class ModelRunner:
             device.sync()
         self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
                       "decode": GraphPlan(self.shapes.decode_graphs())}
-        self.warmup_seconds = 0.0  # until ready: the covering graphs (or all, with full=True)
+        self.warmup_seconds = 0.0  # until ready: the covering graph (or all, with full=True)
+        self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device.torch_device)
@@ -125,6 +128,11 @@ class ModelRunner:
         return self.plans[kind].fit(need)
 
     @property
+    def can_decode(self) -> bool:
+        """A decode graph is compiled (else decodes run on the prefill graph)."""
+        return bool(self.plans["decode"].compiled)
+
+    @property
     def graphs_compiled(self) -> int:
         return sum(len(p.compiled) for p in self.plans.values())
 
@@ -146,11 +154,16 @@ class ModelRunner:
             self.device.sync()
             out.cpu()
         self.plans[kind].mark_compiled(graph)
+        self.compile_seconds[kind, graph] = time.perf_counter() - t0
         log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph,
                  time.perf_counter() - t0, self.graphs_compiled, self.graphs_planned)
 
     def compile_next(self) -> bool:
-        """Compiles one graph not compiled yet, smallest first; False when none is left."""
+        """Compiles one graph not compiled yet: the decode family's covering graph first (it
+        takes decodes off the prefill graph), then smallest first; False when none is left."""
+        if not self.can_decode:
+            self._compile("decode", self.plans["decode"].covering)
+            return True
         for kind in ("decode", "prefill"):  # decode first: every running sequence uses it
             graph = self.plans[kind].next_pending()
             if graph is not None:
@@ -159,15 +172,14 @@ class ModelRunner:
         return False
 
     def warm_up(self, full: bool = False) -> None:
-        """Compiles the covering graph of each family (every step fits them), then marks the
-        guard warm; with `full`, every other graph too before returning."""
+        """Compiles the prefill family's covering graph (every step can run on it), then marks
+        the guard warm; with `full`, every other graph too before returning."""
         started = time.perf_counter()
         self.guard.start_warmup()
         log.info("decoder: %d prefill and %d decode graphs planned; compiling %s first",
                  len(self.plans["prefill"].planned), len(self.plans["decode"].planned),
-                 "all" if full else "the covering two")
-        for kind, plan in self.plans.items():
-            self._compile(kind, plan.covering)
+                 "all" if full else "the covering prefill graph")
+        self._compile("prefill", self.plans["prefill"].covering)
         self.guard.mark_warm()
         while full and self.compile_next():
             pass

@@ -79,8 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"splitserve: cannot deploy {model}: {exc}", file=sys.stderr, flush=True)
             drain = False  # nothing deployed yet
             return 2
-        print("splitserve: deploying; the encoder compiles its buckets and the decoder its two "
-              "covering graphs first (the rest compile once it serves) ...", flush=True)
+        print("splitserve: deploying; the encoder compiles its largest bucket and the decoder its "
+              "covering prefill graph first (the rest compile once it serves) ...", flush=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         began = time.monotonic()
         deploying = Deploying(lambda: serve.run(app, name=APP_NAME, route_prefix="/"))

@@ -93,9 +93,13 @@ class Deploying:
 def health_probe(url: str, timeout_s: float = 5.0) -> Probe:
     import httpx
 
+    # One client for every poll: a new one loads the CA certificates each time (~25 ms of
+    # CPU, every half second, taken from the replicas warming up beside it).
+    client = httpx.Client(timeout=timeout_s)
+
     def probe() -> Readiness:
         try:
-            reply = httpx.get(url, timeout=timeout_s)
+            reply = client.get(url)
         except httpx.HTTPError as error:
             return Readiness("starting", f"{url}: {type(error).__name__}")
         if reply.status_code == 200:

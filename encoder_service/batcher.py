@@ -8,7 +8,8 @@ Threads and queues:
   since that first item, and runs them as one batch. Items that do not fit stay queued for
   the next batch, so a burst larger than `max_items` becomes several full batches.
 - With nothing queued, the worker calls `on_idle()` (if given) until it returns False, then
-  waits; the encoder compiles its remaining buckets there, between batches.
+  waits for an item, asking `on_idle()` again every `IDLE_POLL_S` (it may have declined for
+  now); the encoder compiles its remaining buckets there, between batches.
 - `close()` stops the worker after its current batch; items still queued fail.
 
 `run_batch(items) -> results` gets at most `max_items` items and returns one result per item,
@@ -28,6 +29,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _STOP = object()
+IDLE_POLL_S = 1.0  # how often an idle worker asks `on_idle` again
 
 
 class BatcherClosed(RuntimeError):
@@ -99,7 +101,10 @@ class Batcher:
             except queue.Empty:
                 if self._idle():
                     continue
-                first = self._queue.get()
+                try:
+                    first = self._queue.get(timeout=IDLE_POLL_S) if self._on_idle else self._queue.get()
+                except queue.Empty:
+                    continue
             if first is _STOP:
                 break
             batch, stopping = self._gather(first)

@@ -38,6 +38,7 @@ from encoder_service.vision_model import load_vision_encoder
 from runtime.checkpoint import open_checkpoint
 from runtime.compile_guard import CompileGuard
 from runtime.device import open_device
+from runtime.host_cpu import HostCpu
 from runtime.embedding_dtype import to_stored
 from runtime.image_key import image_cache_key, preprocess_fingerprint
 from runtime.messages import EmbeddingMeta, EmbeddingRef, ItemError
@@ -68,6 +69,7 @@ class EncoderService:
         guard = CompileGuard(device, strict=config.strict_compile, name="encoder")
         self._runner = EncoderRunner(model, device, config.buckets, guard)
         self._runner.warm_up(full=config.full_warmup)
+        self._host_cpu = HostCpu()
         # A LocalObjectStore frees an array only when told; Ray frees it with its last ref.
         drop = getattr(store, "drop", None)
         self._cache = EmbeddingCache(config.encoder_cache_bytes,
@@ -75,7 +77,7 @@ class EncoderService:
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
         self._batcher = Batcher(self._runner.run, max_items=config.max_batch_items,
                                 wait_s=config.batch_wait_s, name="encoder",
-                                on_idle=self._runner.compile_next)
+                                on_idle=self._compile_when_host_spares)
         self._item_errors = 0
         self.startup_seconds = time.perf_counter() - started
         log.info("encoder: %s ready in %.1f s (%d tokens x %d per image)", self.model_id,
@@ -84,6 +86,11 @@ class EncoderService:
     @property
     def is_ready(self) -> bool:
         return self._batcher.is_alive
+
+    def _compile_when_host_spares(self) -> bool:
+        """The batcher's idle work: one more bucket, unless the host's CPUs are busy (replicas
+        beside this one may still be warming up; `runtime.host_cpu`)."""
+        return self._host_cpu.has_spare() and self._runner.compile_next()
 
     def image_key(self, data: bytes) -> str:
         return image_cache_key(data, self.model_id, self.fingerprint)

@@ -42,7 +42,10 @@ class _Guard:
 
 
 class FakeRunner:
-    def __init__(self, shapes: DecoderShapes, *, vocab_size: int = 30528, hidden_size: int = 4) -> None:
+    def __init__(self, shapes: DecoderShapes, *, vocab_size: int = 30528, hidden_size: int = 4,
+                 all_warm: bool = True) -> None:
+        """`all_warm`: every graph is compiled; else only the covering prefill graph, as a
+        replica serves first, and `compile_next` adds the others as the real runner does."""
         self.shapes = shapes
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -51,22 +54,37 @@ class FakeRunner:
         self.graphs: list[tuple[str, tuple[int, int]]] = []
         self.plans = {"decode": GraphPlan(shapes.decode_graphs()),
                       "prefill": GraphPlan(shapes.prefill_graphs())}
-        for plan in self.plans.values():  # all warm: steps run on exactly their buckets
-            for graph in plan.planned:
-                plan.mark_compiled(graph)
-        self._warm = {kind: set(plan.planned) for kind, plan in self.plans.items()}
+        self.plans["prefill"].mark_compiled(self.plans["prefill"].covering)
+        while all_warm and self.compile_next():  # all warm: steps run on exactly their buckets
+            pass
+        self.compile_seconds = {("prefill", self.plans["prefill"].covering): 0.0}
         self.fail_next: str | None = None  # "decode" or "prefill": that call raises once
-        self.graphs_compiled = self.graphs_planned = sum(len(p.planned) for p in self.plans.values())
+        self.graphs_planned = sum(len(p.planned) for p in self.plans.values())
+
+    @property
+    def graphs_compiled(self) -> int:
+        return sum(len(p.compiled) for p in self.plans.values())
+
+    @property
+    def can_decode(self) -> bool:
+        return bool(self.plans["decode"].compiled)
 
     def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
         return self.plans[kind].fit(need)
 
     def compile_next(self) -> bool:
+        if not self.can_decode:
+            self.plans["decode"].mark_compiled(self.plans["decode"].covering)
+            return True
+        for plan in self.plans.values():
+            if (graph := plan.next_pending()) is not None:
+                plan.mark_compiled(graph)
+                return True
         return False
 
     def _check(self, kind: str, graph: tuple[int, int]) -> None:
         self.graphs.append((kind, graph))
-        if graph not in self._warm[kind]:
+        if graph not in self.plans[kind].compiled:
             raise RecompilationError(f"fake runner: {kind} graph {graph} is not warmed up")
         if self.fail_next == kind:
             self.fail_next = None

@@ -146,28 +146,36 @@ def test_a_nearly_full_pool_waits_or_preempts_token_exact(crowded_decoder, refer
 
 
 def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpoint, reference_llava,
-                                                                       photos):
-    """Ready after the two covering graphs; exact while the rest compile (only when idle here),
-    and on exactly its buckets once they are all in. The strict guard fails any step that
-    compiles."""
+                                                                       photos, monkeypatch):
+    """Ready after one graph, the covering prefill graph (decodes run on it as one-token
+    chunks until a decode graph exists); exact while the rest compile (here only when idle,
+    or the decode graph once slow decodes have cost a compile's time), and on exactly its
+    buckets once they are all in. The strict guard fails any step that compiles."""
     import time
 
     from decoder_service.config import DecoderConfig
+    from decoder_service.runner import ModelRunner
     from decoder_service.service import DecoderService
     from runtime.object_store import LocalObjectStore
 
     processor, model = reference_llava
+    # An idle engine compiles the decode graph at once: held back here until the first
+    # requests have decoded on the prefill graph.
+    monkeypatch.setattr(ModelRunner, "compile_next", lambda self: False)
     # Shapes no other decoder of the suite has, so no graph is in the process's XLA cache yet.
     service = DecoderService(DecoderConfig(
         model=str(tiny_checkpoint), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
         background_compile_share=0.0, strict_compile=True), LocalObjectStore())
     try:
         runner = service.runner
-        assert runner.guard.warmup_compilations >= 2 and service.stats()["graphs_compiled"] == 2
+        assert runner.guard.warmup_compilations >= 1 and service.stats()["graphs_compiled"] == 1
+        assert not runner.can_decode
         specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]
         cases = [_case(processor, model, photos, *spec) for spec in specs]
         _compare(service, cases, specs, noise=1)
-        assert service.stats()["graphs_compiled"] < service.stats()["graphs_planned"]
+        assert service.stats()["decode_steps_on_prefill_graph"] > 0  # exact on that path too
+        assert service.stats()["graphs_compiled"] == 1
+        monkeypatch.undo()
         deadline = time.monotonic() + 300
         while not all(p.complete for p in runner.plans.values()) and time.monotonic() < deadline:
             time.sleep(0.5)

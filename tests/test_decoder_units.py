@@ -13,6 +13,8 @@ from decoder_service.block_manager import BlockManager, extend_block_hashes
 from decoder_service.config import DecoderConfig, KVGeometry, derive_shapes
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.engine import DecoderStepError, Engine
+from decoder_service.inputs import decodes_as_chunks
+from runtime.host_cpu import HostCpu
 from decoder_service.sampler import SamplingRows, index_tensors, sample, split_seed, uniform_noise, unpack
 from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
@@ -148,12 +150,14 @@ def test_pool_counts_references_and_evicts_cached_blocks_lru():
 
 
 # --- scheduling through the fake runner -----------------------------------------------------
-def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, **overrides):
+def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_warm=True,
+            **overrides):
     shapes = _shapes(kv, max_position_embeddings, **overrides)
-    runner = FakeRunner(shapes)
+    runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
     budget = overrides.get("max_num_batched_tokens", 64)
-    engine = Engine(runner, Scheduler(shapes, blocks, budget), _TOKENIZER, eos_token_id=102)
+    engine = Engine(runner, Scheduler(shapes, blocks, budget), _TOKENIZER, eos_token_id=102,
+                    host_cpu=HostCpu(read=lambda: None))  # the host always has CPUs to spare
     return engine, runner
 
 
@@ -195,6 +199,61 @@ def test_prompts_are_chunked_within_the_budget_and_share_steps_with_decodes():
     kinds = [kind for kind, _ in runner.graphs]
     mixed = sum(a == "decode" and b == "prefill" for a, b in zip(kinds, kinds[1:]))
     assert mixed >= 2  # the long prompt's chunks ran between the short one's decodes
+
+
+def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefill_graph():
+    """A replica serves on one graph: decodes are one-token chunks, a few sequences per step,
+    until the engine compiles the decode graph (here: when idle), and outputs stay exact."""
+    engine, runner = _engine(kv_cache_bytes=2**20, max_num_seqs=8, max_prefill_seqs=3,
+                             all_warm=False)
+    covering = runner.plans["prefill"].covering
+    assert runner.graphs_compiled == 1 and not runner.can_decode
+    work = [_image_seq(f"s{i}", [101] + [5 + i] * (3 + 7 * i), ["a"] if i % 2 else [], [7],
+                       per_image=16) for i in range(7)]
+    outs = [_submit(engine, seq) for seq, _ in work]
+    _run(engine)  # never idle: no background compilation in between
+    for (seq, values), out in zip(work, outs):
+        assert _tokens(out) == expected_tokens(values, 8), seq.request_id
+    assert {kind for kind, _ in runner.graphs} == {"prefill"}
+    assert {graph for _, graph in runner.graphs} == {covering}
+    # 7 decode tokens for each of 7 sequences, at most 3 sequences per step
+    assert engine.steps["decode"] >= -(-7 * 7 // 3) and not runner.can_decode
+    assert engine.stats()["decode_steps_on_prefill_graph"] == engine.steps["decode"]
+    assert engine._compile_in_background(busy=False) and runner.can_decode  # idle: decode first
+    assert runner.plans["decode"].compiled == [runner.plans["decode"].covering]
+    seq, values = _image_seq("after", [101, 9, 9], [], [7], per_image=16)
+    out = _submit(engine, seq)
+    _run(engine)
+    assert _tokens(out) == expected_tokens(values, 8) and runner.graphs[-1][0] == "decode"
+
+
+def test_decode_graph_compiles_under_load_once_slow_decodes_cost_a_compile():
+    engine, runner = _engine(kv_cache_bytes=2**20, all_warm=False)
+    runner.compile_seconds[("prefill", runner.plans["prefill"].covering)] = 0.5
+    engine.background_compile_share = 0.0  # only the rule for the decode graph can compile
+    assert not engine._compile_in_background(busy=True)  # nothing lost yet, no share left
+    engine._decodes_on_prefill_s = 0.5
+    assert engine._compile_in_background(busy=True) and runner.can_decode
+    assert not engine._compile_in_background(busy=True)  # the rest wait for the share again
+
+
+def test_idle_compiles_wait_while_the_host_is_busy():
+    engine, runner = _engine(kv_cache_bytes=2**20, all_warm=False)
+    readings = iter([(0, 0), (10, 200), (190, 400)])  # 5 % idle, then 90 %
+    engine.host_cpu = HostCpu(read=readings.__next__)
+    assert not engine._compile_in_background(busy=False) and not runner.can_decode
+    assert engine._compile_in_background(busy=False) and runner.can_decode
+
+
+def test_decodes_as_chunks_groups_fit_the_prefill_graph():
+    shapes = _shapes(TINY_KV, 1024, kv_cache_bytes=2**20, max_prefill_seqs=4)
+    seqs = [_seq(f"g{i}", [101] * n) for i, n in enumerate([40, 40, 10, 10, 10, 10, 90])]
+    groups = decodes_as_chunks(seqs, shapes, (64, 6))  # 6 blocks of 16: 96 tokens of context
+    assert [[c.seq.request_id for c in g] for g in groups] == [
+        ["g0", "g1"], ["g2", "g3", "g4", "g5"], ["g6"]]
+    for group in groups:
+        assert all(c.num_tokens == 1 and c.completes for c in group)
+        assert len(group) <= 4 and sum(-(-c.end // 16) for c in group) <= 6
 
 
 def test_chunk_boundaries_inside_an_image_keep_its_rows():
