@@ -54,6 +54,19 @@ def kv_geometry(text_config, dtype: torch.dtype) -> KVGeometry:
                       dtype_bytes=torch.empty(0, dtype=dtype).element_size())
 
 
+def next_to_compile(plans: dict[str, GraphPlan]) -> tuple[str, tuple[int, int]] | None:
+    """(family, graph) to compile next, None when all are in: the decode family's covering
+    graph first (it takes decodes off the prefill graph), then the decode family smallest
+    first (every running sequence uses it), then the prefill family smallest first."""
+    if not plans["decode"].compiled:
+        return "decode", plans["decode"].covering
+    for kind in ("decode", "prefill"):
+        graph = plans[kind].next_pending()
+        if graph is not None:
+            return kind, graph
+    return None
+
+
 class ModelRunner:
     def __init__(self, config: DecoderConfig, checkpoint: Checkpoint, device: Device) -> None:
         text = checkpoint.config.text_config
@@ -154,22 +167,16 @@ class ModelRunner:
             self.device.sync()
             out.cpu()
         self.plans[kind].mark_compiled(graph)
-        self.compile_seconds[kind, graph] = time.perf_counter() - t0
-        log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph,
-                 time.perf_counter() - t0, self.graphs_compiled, self.graphs_planned)
+        self.compile_seconds[kind, graph] = seconds = time.perf_counter() - t0
+        log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph, seconds,
+                 self.graphs_compiled, self.graphs_planned)
 
     def compile_next(self) -> bool:
-        """Compiles one graph not compiled yet: the decode family's covering graph first (it
-        takes decodes off the prefill graph), then smallest first; False when none is left."""
-        if not self.can_decode:
-            self._compile("decode", self.plans["decode"].covering)
-            return True
-        for kind in ("decode", "prefill"):  # decode first: every running sequence uses it
-            graph = self.plans[kind].next_pending()
-            if graph is not None:
-                self._compile(kind, graph)
-                return True
-        return False
+        """Compiles the graph `next_to_compile` names; False when none is left."""
+        pending = next_to_compile(self.plans)
+        if pending is not None:
+            self._compile(*pending)
+        return pending is not None
 
     def warm_up(self, full: bool = False) -> None:
         """Compiles the prefill family's covering graph (every step can run on it), then marks

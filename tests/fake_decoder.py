@@ -16,6 +16,7 @@ import numpy as np
 
 from decoder_service.config import DecoderShapes
 from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, PrefillInputs
+from decoder_service.runner import next_to_compile
 from runtime.compile_guard import RecompilationError
 from runtime.graphs import GraphPlan
 from runtime.messages import MAX_TOP_LOGPROBS
@@ -73,14 +74,11 @@ class FakeRunner:
         return self.plans[kind].fit(need)
 
     def compile_next(self) -> bool:
-        if not self.can_decode:
-            self.plans["decode"].mark_compiled(self.plans["decode"].covering)
-            return True
-        for plan in self.plans.values():
-            if (graph := plan.next_pending()) is not None:
-                plan.mark_compiled(graph)
-                return True
-        return False
+        pending = next_to_compile(self.plans)  # in the real runner's order
+        if pending is not None:
+            kind, graph = pending
+            self.plans[kind].mark_compiled(graph)
+        return pending is not None
 
     def _check(self, kind: str, graph: tuple[int, int]) -> None:
         self.graphs.append((kind, graph))
