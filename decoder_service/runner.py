@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 
 def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaTextModel:
-    model = LlamaTextModel(checkpoint.config.text_config)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every tensor is loaded strictly next: random init is wasted CPU
+        model = LlamaTextModel(checkpoint.config.text_config)
     tensors = {k.removeprefix("language_model."): v for k, v in text_state_dict(checkpoint).items()}
     model.load_state_dict(tensors, strict=True)
     return model.to(dtype).eval()

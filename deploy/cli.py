@@ -49,9 +49,13 @@ def _serve(args: argparse.Namespace) -> int:
     # Checking the deploy against the model (its config and processor: seconds of imports) runs
     # beside Ray's and Serve's start-up, not before it; a deploy that fails the check stops
     # both before any replica is asked for.
-    # The check imports torch_xla (transformers does, through accelerate), which sets
-    # PJRT_DEVICE itself: set it first, as every local replica would choose, so that Ray's
-    # processes, started meanwhile, inherit one value whatever the timing.
+    # This process never runs XLA, but transformers' processor imports torch_xla through
+    # accelerate whenever it is installed: ~3.5 s of CPU on the start-up's critical path (Serve
+    # is up before the check ends). A None entry makes that import fail as "not installed"
+    # here only; Ray's processes are separate and import it as usual.
+    sys.modules.setdefault("torch_xla", None)
+    # Ray's local processes inherit this environment: the PJRT variables every local replica
+    # would choose, set once here.
     from runtime.device import xla_environment
 
     os.environ.update(xla_environment(os.environ))

@@ -87,6 +87,9 @@ class VisionEncoder(nn.Module):
 
 def load_vision_encoder(checkpoint: Checkpoint) -> VisionEncoder:
     """The checkpoint's vision half in float32, in eval mode, on the host."""
-    model = VisionEncoder(checkpoint.config)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every tensor is loaded strictly next: random init is wasted CPU
+        model = VisionEncoder(checkpoint.config)
     model.load_checkpoint(checkpoint)
     return model.to(torch.float32).eval()
