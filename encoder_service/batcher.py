@@ -9,7 +9,8 @@ Threads and queues:
   the next batch, so a burst larger than `max_items` becomes several full batches.
 - With nothing queued, the worker calls `on_idle()` (if given) until it returns False, then
   waits for an item, asking `on_idle()` again every `IDLE_POLL_S` (it may have declined for
-  now); the encoder compiles its remaining buckets there, between batches.
+  now); the encoder compiles its remaining buckets there, between batches. Once the hook has
+  nothing left to do ever, it calls `retire_idle_work()` and the idle worker just waits.
 - `close()` stops the worker after its current batch; items still queued fail.
 
 `run_batch(items) -> results` gets at most `max_items` items and returns one result per item,
@@ -113,6 +114,11 @@ class Batcher:
             if batch:
                 self._run(batch)
         self._fail_queued()
+
+    def retire_idle_work(self) -> None:
+        """The idle hook is done for good: an idle worker stops asking it (and waking up for
+        it); items are served as before."""
+        self._on_idle = None
 
     def _idle(self) -> bool:
         """Runs the idle hook once; True if it did something (so look at the queue again)."""

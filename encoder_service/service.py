@@ -89,7 +89,11 @@ class EncoderService:
 
     def _compile_when_host_spares(self) -> bool:
         """The batcher's idle work: one more bucket, unless the host's CPUs are busy (replicas
-        beside this one may still be warming up; `runtime.host_cpu`)."""
+        beside this one may still be warming up; `runtime.host_cpu`). Once every bucket is in,
+        the batcher stops asking."""
+        if self._runner.plan.next_pending() is None:
+            self._batcher.retire_idle_work()
+            return False
         return self._host_cpu.has_spare() and self._runner.compile_next()
 
     def image_key(self, data: bytes) -> str:

@@ -335,3 +335,31 @@ def test_batcher_runs_idle_work_between_batches_and_survives_its_failure():
         failing.close()
     finally:
         batcher.close()
+
+
+def test_batcher_stops_asking_an_idle_hook_that_retired(monkeypatch):
+    import threading
+
+    from encoder_service import batcher as batcher_module
+    from encoder_service.batcher import Batcher
+
+    monkeypatch.setattr(batcher_module, "IDLE_POLL_S", 0.01)
+    calls, retired = [], threading.Event()
+
+    def on_idle():
+        calls.append(1)
+        if len(calls) == 2:  # declined once (asked again after a poll), then done for good
+            batcher.retire_idle_work()
+            retired.set()
+        return False
+
+    batcher = Batcher(lambda items: [i + 1 for i in items], max_items=2, wait_s=0.0, on_idle=on_idle)
+    try:
+        assert retired.wait(5)
+        threading.Event().wait(0.2)  # 20 polls' worth of idling
+        assert len(calls) == 2
+        assert batcher.submit(1).result(timeout=5) == 2  # still serving
+        threading.Event().wait(0.05)
+        assert len(calls) == 2
+    finally:
+        batcher.close()
