@@ -43,11 +43,9 @@ from runtime.limits import MAX_IMAGE_BYTES
 
 # The router only waits on I/O: it asks for no CPU, so it always fits beside the services.
 # It relays streams, so a router replica that is being replaced drains like a decoder replica.
-# It never runs XLA: USE_TORCH_XLA=0 keeps transformers (through accelerate) from importing
-# torch_xla, seconds of CPU taken from the replicas compiling beside it at start-up.
+# It never imports torch (RouterServer blocks it: runtime/no_torch.py).
 RouterDeployment = serve.deployment(
-    name="router", max_ongoing_requests=512,
-    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"USE_TORCH_XLA": "0"}}},
+    name="router", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0},
     **DRAIN_OPTIONS)(RouterServer)
 
 

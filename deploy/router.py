@@ -40,6 +40,7 @@ from router.images import FetchPolicy
 from router.schemas import ChatCompletionRequest
 from router.service import RouterConfig, RouterService, ServiceUnavailable, StartupFailed
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+from runtime.no_torch import without_torch
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -159,6 +160,8 @@ class RouterServer:
         # Loading transformers and the processor takes seconds of CPU (tens on a busy machine):
         # do it in a thread now, while the encoder and decoder compile, rather than after they
         # report ready; a failure here is only logged, `_build` meets it again and reports it.
+        # The router never runs a model: its processor loads without torch (runtime/no_torch.py).
+        without_torch()
         loop = asyncio.get_event_loop()
         self._preloading = loop.run_in_executor(None, preload_processor, settings.get("model"))
         self._warming = loop.create_task(self.service())
