@@ -122,8 +122,9 @@ def per_replica(metrics_port: int, metric: str, replicas: set[str], **labels: st
 def cache_figures(metrics_port: int, app: str, requests: int, prompt_tokens: int,
                   timeout_s: float = 60) -> dict:
     """Encoder and KV prefix hit rates of `app`, once its replicas' exported counters account
-    for all `requests` (exporters refresh every 2 s). The KV rate is over all prompt tokens
-    sent, the same in every layout."""
+    for all `requests` and every prompt token's prefix lookup (exporters refresh every 2 s, and
+    Ray's metrics pipeline may publish one replica's series in different scrapes). The KV rate
+    is over all prompt tokens sent, the same in every layout."""
     encoders, decoders = replica_ids(app, "encoder"), replica_ids(app, "decoder")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -135,11 +136,13 @@ def cache_figures(metrics_port: int, app: str, requests: int, prompt_tokens: int
                                        ("decoder_generated_tokens", decoders))}
         lookups = read["encoder_cache_hits"] + read["encoder_cache_misses"] + \
             read["encoder_cache_single_flight_joins"]
-        if (lookups >= requests and read["decoder_generated_tokens"] >= requests * MAX_TOKENS) \
+        if (lookups >= requests and read["decoder_generated_tokens"] >= requests * MAX_TOKENS
+                and read["decoder_prefix_cache_queried_tokens"] >= prompt_tokens) \
                 or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert lookups == requests, read
+    assert read["decoder_prefix_cache_queried_tokens"] >= prompt_tokens, read  # every token looked up
     return {"encoder_hit_rate": 1 - read["encoder_cache_misses"] / lookups,
             "kv_prefix_hit_rate": read["decoder_prefix_cache_hit_tokens"] / prompt_tokens, **read}
 
