@@ -144,6 +144,8 @@ class Engine:
 
     def _compile_in_background(self, busy: bool) -> bool:
         """One more graph, if any is left and the policy allows it now."""
+        if self.runner.graphs_compiled >= self.runner.graphs_planned:
+            return False  # all in: nothing to ask the host about
         if not busy and not self.host_cpu.has_spare():
             return False  # replicas beside this one are busy (still warming up?): not now
         if busy and not self._decode_graph_pays():

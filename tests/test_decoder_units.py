@@ -243,6 +243,10 @@ def test_idle_compiles_wait_while_the_host_is_busy():
     engine.host_cpu = HostCpu(read=readings.__next__)
     assert not engine._compile_in_background(busy=False) and not runner.can_decode
     assert engine._compile_in_background(busy=False) and runner.can_decode
+    while runner.graphs_compiled < runner.graphs_planned:
+        runner.compile_next()
+    engine.host_cpu.has_spare = lambda: pytest.fail("read the host with every graph compiled")
+    assert not engine._compile_in_background(busy=False)
 
 
 def test_decodes_as_chunks_groups_fit_the_prefill_graph():
