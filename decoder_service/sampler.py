@@ -19,6 +19,7 @@ import torch
 from runtime.messages import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS
 
 MAX_CANDIDATES = 64  # rows with top_k/top_p sample among their 64 most likely tokens
+assert MAX_CANDIDATES >= MAX_TOP_LOGPROBS  # the top logprobs are the first candidates
 # Additive bias entries per row: the request's logit_bias, then -inf on EOS and its stop
 # token ids while min_tokens is not reached.
 BIAS_SLOTS = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + 1
@@ -183,7 +184,11 @@ def sample(logits: torch.Tensor, temperature, top_p, top_k, seed_lo, seed_hi, st
     restricted = (top_k < vocab) | (top_p < 1.0)
     tokens = torch.where(temperature == 0, greedy, torch.where(restricted, limited, unrestricted))
     token_logprob = logprobs.gather(1, tokens[:, None])
-    top_logprobs, top_ids = torch.topk(logprobs, MAX_TOP_LOGPROBS, dim=-1)
+    # The top logprobs are the best candidates': `scaled` and `logprobs` order a row's tokens
+    # alike (both are its logits, scaled by a positive factor or shifted), so one top-k serves
+    # both (a top-k over the vocabulary is ~5 ms at 16 rows on XLA:CPU).
+    top_ids = cand_ids[:, :MAX_TOP_LOGPROBS]
+    top_logprobs = logprobs.gather(1, top_ids)
     return torch.cat([tokens[:, None].float(), token_logprob, top_ids.float(), top_logprobs], dim=-1)
 
 

@@ -100,3 +100,21 @@ def test_the_bitmask_confines_sampled_tokens_and_leaves_other_rows_alone(device)
         assert constrained[0].token_id in allowed
         assert constrained[1].token_id == unconstrained[1].token_id  # its neighbour is unchanged
         assert constrained[1].logprob == unconstrained[1].logprob
+
+
+def test_top_logprobs_are_the_distributions_best_whatever_the_temperature(device):
+    """The top logprobs come from the sampling candidates' top-k of the temperature-scaled
+    logits: the same tokens, in the same order, as the top of log_softmax of the logits."""
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((6, VOCAB)) * 4).astype(np.float32)
+    rows = SamplingRows.padding(6, VOCAB, HISTORY)
+    settings = [(0.0, 1.0, VOCAB), (0.7, 1.0, VOCAB), (1.5, 1.0, VOCAB), (0.3, 0.5, VOCAB),
+                (2.0, 1.0, 3), (1.0, 0.9, 10)]
+    for i, (temperature, top_p, top_k) in enumerate(settings):
+        rows.set_row(i, temperature=temperature, top_p=top_p, top_k=top_k, seed=i, step=i)
+    for i, row in enumerate(_run(logits, rows, device)):
+        logprobs = logits[i].astype(np.float64) - np.logaddexp.reduce(logits[i].astype(np.float64))
+        best = np.argsort(-logprobs)[:len(row.top_ids)]
+        assert row.top_ids.tolist() == best.tolist(), settings[i]
+        np.testing.assert_allclose(row.top_logprobs, logprobs[best], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(row.logprob, logprobs[row.token_id], rtol=1e-4, atol=1e-4)
