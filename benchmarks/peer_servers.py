@@ -234,7 +234,7 @@ def _listening_ports(session_id: int) -> list[int]:
             if fields[3] == "0A":  # LISTEN
                 listening[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
     ports = set()
-    for pid, fields in _processes():
+    for pid, fields in processes():
         if int(fields[3]) != session_id:
             continue
         try:
@@ -251,7 +251,7 @@ def _listening_ports(session_id: int) -> list[int]:
     return sorted(ports)
 
 
-def _processes():
+def processes():
     """(pid, the fields of /proc/PID/stat after the command name) for every process."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -296,7 +296,7 @@ class OtherWork:
 
     def _ours_s(self) -> float:
         total = sum(int(fields[11]) + int(fields[12])  # utime + stime
-                    for _, fields in _processes() if int(fields[3]) in self.sessions)  # session id
+                    for _, fields in processes() if int(fields[3]) in self.sessions)  # session id
         return total * self.TICK_S
 
     @classmethod
@@ -310,5 +310,6 @@ class OtherWork:
 
     def __exit__(self, *exc):
         busy, ours = self._busy_s() - self.busy0, self._ours_s() - self.ours0
+        self.ours_s = ours
         self.share = max(0.0, busy - ours) / ((time.monotonic() - self.t0) * os.cpu_count())
         return False
