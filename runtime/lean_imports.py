@@ -1,20 +1,22 @@
-"""torch_xla's import without the parts a server never calls.
+"""A replica's imports without the parts serving never calls.
 
-`import torch_xla` imports two things unconditionally that serving never uses: its StableHLO
-exporter (`torch_xla.stablehlo`, which brings in torch._dynamo and torch._inductor through the
-dynamo bridge) and, for the scan-based GRU it patches into `torch.nn`, AOT autograd
-(`functorch.compile`). Together ~2.8 s of CPU per replica process, paid while the other
-replica compiles beside it on the same cores.
+Importing torch_xla and transformers' model classes pulls in modules a server never uses:
+- `torch_xla.stablehlo`, the StableHLO exporter, which brings in torch._inductor through the
+  dynamo bridge, and `functorch.compile` (AOT autograd) for the scan-based GRU torch_xla
+  patches into `torch.nn`: both imported by `torch_xla/__init__`;
+- `scipy.optimize`, which transformers' object-detection losses import with `modeling_utils`.
+Together ~3 s of CPU per replica process, paid while the other replica compiles
+beside it on the same cores.
 
-`defer_unused_torch_xla_imports()` puts a stand-in for those two modules into `sys.modules`
-before torch_xla is imported. torch_xla's `from X import f` then receives a forwarding function
-for each name it takes; the real module is imported the first time anything is called through
-one, or when any other attribute is read (so a later `import functorch.compile` elsewhere still
-gets the real thing, only later). Nothing changes in behaviour, only in when the import happens.
+`defer_unused_imports()` puts a stand-in (`Deferred`) for each into `sys.modules` first. A
+`from X import f` of a listed name receives a forwarding function. The real module is imported
+the first time anything is called through a forwarder or any other attribute is read, so code
+that does use it still gets it, only later: behaviour is unchanged, only when the import
+happens moves. (torch._dynamo, which torch_xla also imports, is not deferred: transformers'
+generation code imports it at class definition, `torch.compiler.disable`.)
 
->>> import types
 >>> modules = {}
->>> stand_in = Deferred("json", ("dumps",), modules)
+>>> stand_in = Deferred("json", modules, forwarded=("dumps",))
 >>> modules["json"] is stand_in, stand_in.dumps([1])  # the first call imports the real module
 (True, '[1]')
 >>> modules["json"] is stand_in, modules["json"].loads("2")
@@ -28,20 +30,20 @@ import sys
 import types
 from collections.abc import Callable, Iterable
 
-# module -> the names torch_xla 2.9's own import takes from it
-UNUSED_BY_SERVING = {
+# module -> the names its importers take from it with `from ... import`
+UNUSED_BY_SERVING: dict[str, tuple[str, ...]] = {
     "torch_xla.stablehlo": ("save_as_stablehlo", "save_torch_model_as_stablehlo"),
     "functorch.compile": ("aot_function", "make_boxed_func", "default_partition"),
+    "scipy.optimize": ("linear_sum_assignment",),
 }
 
 
 class Deferred(types.ModuleType):
     """A stand-in in `modules` for the module `name`, until something uses it."""
 
-    def __init__(self, name: str, forwarded: Iterable[str], modules: dict) -> None:
+    def __init__(self, name: str, modules: dict, forwarded: Iterable[str] = ()) -> None:
         super().__init__(name, f"stand-in for {name}, imported on first use")
-        self.__dict__["_modules"] = modules
-        self.__dict__["_forwarded"] = frozenset(forwarded)
+        self.__dict__.update(_modules=modules, _forwarded=frozenset(forwarded))
         modules[name] = self
 
     def _real(self) -> types.ModuleType:
@@ -56,9 +58,9 @@ class Deferred(types.ModuleType):
     def __getattr__(self, attr: str):
         if attr.startswith("__"):  # `inspect` and friends probe every module in sys.modules
             raise AttributeError(attr)
-        if attr not in self.__dict__["_forwarded"]:
-            return getattr(self._real(), attr)
-        return _forwarding(self, attr)
+        if attr in self.__dict__["_forwarded"]:
+            return _forwarding(self, attr)
+        return getattr(self._real(), attr)
 
 
 def _forwarding(stand_in: Deferred, attr: str) -> Callable:
@@ -69,12 +71,10 @@ def _forwarding(stand_in: Deferred, attr: str) -> Callable:
     return forward
 
 
-def defer_unused_torch_xla_imports(modules: dict | None = None) -> list[str]:
-    """Stand-ins for UNUSED_BY_SERVING, when torch_xla is not imported yet; returns which."""
+def defer_unused_imports(modules: dict | None = None) -> list[str]:
+    """Stand-ins for the UNUSED_BY_SERVING modules not imported yet; returns their names."""
     modules = sys.modules if modules is None else modules
-    if "torch_xla" in modules:
-        return []
     deferred = [name for name in UNUSED_BY_SERVING if name not in modules]
     for name in deferred:
-        Deferred(name, UNUSED_BY_SERVING[name], modules)
+        Deferred(name, modules, UNUSED_BY_SERVING[name])
     return deferred
