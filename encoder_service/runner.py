@@ -5,9 +5,12 @@ Compile discipline (after vLLM's TPU model runner):
   padded rows; each image attends only to itself, so padding cannot change real rows);
 - one transfer in (the padded pixel batch) and one out (the whole padded output,
   sliced on the host), with no `.item()`, masking or data-dependent shape between;
-- `warm_up()` runs the largest bucket (which every batch fits by padding up) and, unless
-  told otherwise, every other bucket once through the same `_step` the runtime uses,
-  logging compile seconds, then marks the compile guard warm. Buckets left out compile
+- `warm_up()` compiles the largest bucket (which every batch fits by padding up) and, unless
+  told otherwise, every other bucket, tracing the same graph `_step` runs, logging compile
+  seconds, then marks the compile guard warm. It compiles without running (a full batch of
+  images through the tower: ~2 s of a 2-core CPU at bucket 8): the step reads its result
+  without a step barrier (`Device.read_stateless`), which is how torch_xla keys the warm-up's
+  executable. Buckets left out compile
   later through `compile_next` (the batcher calls it when idle), outside any step; a batch
   runs on the smallest compiled bucket that holds it. After warm-up the guard checks that
   nothing compiled inside a step.
@@ -83,9 +86,10 @@ class EncoderRunner:
     def _compile(self, graph: tuple[int]) -> None:
         (bucket,) = graph
         began = time.perf_counter()
-        with self.guard.compiling():
-            out = self._step(np.zeros((bucket, *self.pixel_shape), np.float32))
-        if out.shape != (bucket, *self.output_shape):
+        with self.guard.compiling(), torch.no_grad():  # compiled, not run: the step's own graph
+            out = self._trace(np.zeros((bucket, *self.pixel_shape), np.float32))
+            self.device.compile_only([out])
+        if tuple(out.shape) != (bucket, *self.output_shape):
             raise ValueError(f"the vision encoder made {out.shape} for {bucket} images, "
                              f"expected {(bucket, *self.output_shape)}")
         self.plan.mark_compiled(graph)
@@ -115,13 +119,13 @@ class EncoderRunner:
             start += count
         return results
 
-    def _step(self, batch: np.ndarray) -> np.ndarray:
+    def _trace(self, batch: np.ndarray) -> torch.Tensor:
         # batch: [bucket, 3, S, S] -> [bucket, tokens_per_image, hidden_size]
+        return self.model(torch.from_numpy(batch).to(self.device.torch_device))
+
+    def _step(self, batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            pixels = torch.from_numpy(batch).to(self.device.torch_device)
-            out = self.model(pixels)
-            self.device.sync()
-            return out.cpu().numpy()
+            return self.device.read_stateless(self._trace(batch)).numpy()
 
     def stats(self) -> dict:
         return {

@@ -71,6 +71,28 @@ class Device:
 
             torch.cuda.synchronize(self.torch_device)
 
+    def compile_only(self, outputs: list[torch.Tensor]) -> None:
+        """xla: compiles the pending graph that computes `outputs` without running it; its
+        executable is the one `read_stateless` then finds. Eager devices have computed them."""
+        if self.kind == "xla":
+            import torch_xla
+
+            torch_xla._XLAC._xla_warm_up_cache(outputs, [])
+
+    def read_stateless(self, output: torch.Tensor) -> torch.Tensor:
+        """Runs the graph that computes `output` and copies the result to the host.
+
+        For graphs that change no device state (the vision encoder's): nothing else pending
+        is run. torch_xla keys an executable by whether its run is a step barrier: `sync()`
+        and `.cpu()` are (and may donate buffers), a warm-up compile is not. This read is not
+        either, so a graph compiled by `compile_only` runs here without compiling again, and
+        warm-up need not execute it (a full batch of images through the vision tower)."""
+        if self.kind == "xla":
+            import torch_xla
+
+            return torch_xla._XLAC._xla_get_cpu_tensors([output])[0]
+        return output.cpu()
+
     def describe(self) -> str:
         if self.kind == "xla":
             return f"xla ({os.environ.get('PJRT_DEVICE', '?')} through PJRT)"

@@ -142,3 +142,24 @@ def test_wrong_pixel_shape_is_a_clear_error(warm_runner):
     runner, _ = warm_runner
     with pytest.raises(ValueError, match=r"pixels of shape \(3, 32, 32\)"):
         runner.run([np.zeros((3, 32, 32), np.float32)])
+
+
+def test_warm_up_compiles_without_running_and_steps_reuse_its_graph(tiny_checkpoint):
+    """Warm-up compiles a bucket without running it (a full batch through the tower); the
+    first step finds that executable (the strict guard would raise on a compilation)."""
+    import torch_xla.debug.metrics as met
+
+    def executions():
+        return (met.metric_data("ExecuteTime") or (0,))[0]
+
+    device = open_device("xla")
+    guard = CompileGuard(device, strict=True, name="encoder-test-compile-only")
+    model = load_vision_encoder(open_checkpoint(str(tiny_checkpoint)))
+    runner = EncoderRunner(model, device, (6,), guard)  # no other test compiles a batch of 6
+    before = executions()
+    runner.warm_up()
+    assert guard.warmup_compilations == 1 and executions() == before
+    pixels = np.random.default_rng(0).random((2, *runner.pixel_shape), dtype=np.float32)
+    out = runner.run(list(pixels))
+    assert executions() == before + 1 and guard.compilations_after_warmup == 0
+    assert [o.shape for o in out] == [runner.output_shape] * 2 and np.isfinite(out).all()
