@@ -1,6 +1,7 @@
 """Start-up: `splitserve serve` from launch to ready, then a burst sent right at readiness.
 
     .venv/bin/python benchmarks/startup_bench.py [--size small] [--runs 3] [--concurrency 12]
+        [--source DIR,DIR...]
 
 Each run launches `splitserve serve` on the demo checkpoint (a new local Ray every time) and
 times, on the launch clock, the CLI's own lines: Ray started ("Started a local Ray instance"),
@@ -9,7 +10,10 @@ burst of mixed requests (1-3 new photo crops each, short and long prompts, all a
 `--concurrency`), then reads `/health`: every request must succeed and neither service may have
 compiled inside a step (`compilations_after_warmup`), while the remaining graphs still compile
 in the background. Then the server is stopped (SIGINT: it drains and stops its Ray) and the
-next run waits for the machine to go quiet.
+next run waits for the machine to go quiet. `--source` runs splitserve from other source trees
+(e.g. `git worktree add /tmp/old <commit>`), alternating between them run by run, so that an
+A/B comparison meets the same machine: this VM's CPU speed drifts by tens of percent over an
+hour.
 
 The machine is a VM whose host can take CPU from it: each run records the CPU the host took
 (`steal` in /proc/stat) and the CPU seconds the server's processes used until ready, so runs
@@ -106,7 +110,7 @@ def burst(url: str, model: str, n: int, concurrency: int, seed: int) -> dict:
                for half in ("encoder", "decoder")}}
 
 
-def one_run(args, checkpoint: Path, run: int, out_dir: Path) -> dict:
+def one_run(args, checkpoint: Path, run: int, source: Path, out_dir: Path) -> dict:
     import httpx
 
     port = free_port()
@@ -115,9 +119,13 @@ def one_run(args, checkpoint: Path, run: int, out_dir: Path) -> dict:
             "--max-num-seqs", str(args.max_num_seqs), *args.serve_args.split()]
     busy_before = wait_quiet(args.wait_quiet_s)
     stolen0, t0 = steal_s(), time.monotonic()
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    if source != ROOT:  # its modules first, in the CLI and (through the environment) in Ray's workers
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": "local"})
-    result = {"run": run, "busy_before": round(busy_before, 2), "command": " ".join(argv[1:])}
+                               start_new_session=True, cwd=source, env=env)
+    result = {"run": run, "commit": _commit(source), "busy_before": round(busy_before, 2),
+              "command": " ".join(argv[1:])}
     try:
         with OtherWork(process.pid) as work:
             clock = LaunchClock(process, out_dir / f"serve-{run}.log", t0)
@@ -136,6 +144,11 @@ def one_run(args, checkpoint: Path, run: int, out_dir: Path) -> dict:
         _wait_session_gone(process.pid, timeout_s=60)
 
 
+def _commit(source: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True,
+                          text=True).stdout.strip() or "?"
+
+
 def _wait_session_gone(session: int, timeout_s: float) -> None:
     """Until every process the server started (Ray's included, same session) has exited."""
     deadline = time.monotonic() + timeout_s
@@ -144,13 +157,13 @@ def _wait_session_gone(session: int, timeout_s: float) -> None:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | Ray started (s) | Serve started (s) | ready (s) | stolen by the host (CPU s) "
+    lines = ["| run | commit | Ray started (s) | Serve started (s) | ready (s) | stolen by the host (CPU s) "
              "| server CPU s until ready | burst ok | burst s | compilations in steps (enc / dec) "
              "| graphs compiled after the burst (enc / dec) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         b = r.get("burst", {})
-        lines.append(f"| {r['run']} | {r.get('ray_started', '-')} | {r.get('serve_started', '-')} "
+        lines.append(f"| {r['run']} | `{r['commit']}` | {r.get('ray_started', '-')} | {r.get('serve_started', '-')} "
                      f"| {r.get('ready', r.get('error', '-'))} | {r['stolen_cpu_s']} | {r['server_cpu_s']} "
                      f"| {b.get('ok', 0)}/{b.get('requests', '-')} | {b.get('seconds', '-')} "
                      f"| {b.get('encoder_compilations_in_steps', '-')} / {b.get('decoder_compilations_in_steps', '-')} "
@@ -170,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout-s", type=float, default=600.0)
     parser.add_argument("--wait-quiet-s", type=float, default=120.0,
                         help="before each run, wait up to this long for the CPU to go quiet")
+    parser.add_argument("--source", type=lambda text: [Path(p).resolve() for p in text.split(",")],
+                        default=[ROOT], help="source trees to run splitserve from, comma-separated; "
+                        "with several, each run takes the next (A, B, A, B, ...)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results" / "startup")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "checkpoint": str(checkpoint),
               "started_at": time.strftime("%Y-%m-%d %H:%M %Z"), "runs": []}
     for run in range(1, args.runs + 1):
-        report["runs"].append(one_run(args, checkpoint, run, args.out_dir))
+        source = args.source[(run - 1) % len(args.source)]
+        report["runs"].append(one_run(args, checkpoint, run, source, args.out_dir))
         print(json.dumps(report["runs"][-1]), flush=True)
     (args.out_dir / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{report['started_at']}, {machine_line(report['machine'])}\n\n{table(report['runs'])}")
