@@ -34,7 +34,7 @@ from decoder_service.sampler import index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
-from runtime.graphs import GraphPlan
+from runtime.graphs import GraphPlan, WarmupProgress
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +181,23 @@ class ModelRunner:
             self._compile(*pending)
         return pending is not None
 
-    def warm_up(self, full: bool = False) -> None:
+    def warm_up(self, full: bool = False, progress: WarmupProgress | None = None) -> None:
         """Compiles the prefill family's covering graph (every step can run on it), then marks
-        the guard warm; with `full`, every other graph too before returning."""
+        the guard warm; with `full`, every other graph too before returning. Tells `progress`
+        (graphs compiled, graphs to compile before serving, graphs planned) as it goes."""
         started = time.perf_counter()
         self.guard.start_warmup()
         log.info("decoder: %d prefill and %d decode graphs planned; compiling %s first",
                  len(self.plans["prefill"].planned), len(self.plans["decode"].planned),
                  "all" if full else "the covering prefill graph")
+        before_serving = self.graphs_planned if full else 1
+        report = progress or (lambda *_: None)
+        report(self.graphs_compiled, before_serving, self.graphs_planned)
         self._compile("prefill", self.plans["prefill"].covering)
+        report(self.graphs_compiled, before_serving, self.graphs_planned)
         self.guard.mark_warm()
         while full and self.compile_next():
-            pass
+            report(self.graphs_compiled, before_serving, self.graphs_planned)
         self.warmup_seconds = time.perf_counter() - started
         log.info("decoder: ready after %.2f s of warm-up (%d of %d graphs compiled)",
                  self.warmup_seconds, self.graphs_compiled, self.graphs_planned)

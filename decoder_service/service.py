@@ -39,6 +39,7 @@ from runtime.messages import (
     RequestError,
     SamplingParams,
 )
+from runtime.graphs import WarmupProgress
 from runtime.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ EMBEDDING_GET_TIMEOUT_S = 30.0
 
 
 class DecoderService:
-    def __init__(self, config: DecoderConfig, store: ObjectStore) -> None:
+    def __init__(self, config: DecoderConfig, store: ObjectStore,
+                 warmup_progress: WarmupProgress | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
@@ -64,7 +66,7 @@ class DecoderService:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
         self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_token_id)
-        self.runner.warm_up(full=config.full_warmup)
+        self.runner.warm_up(full=config.full_warmup, progress=warmup_progress)
         blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
                               config.enable_prefix_caching)
         self.engine = Engine(self.runner, Scheduler(self.shapes, blocks, config.max_num_batched_tokens),

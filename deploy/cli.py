@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from deploy import warmup_progress
     from deploy.startup import Deploying, health_probe, serve_status_probe, wait_until_ready
 
     local = {} if args.address else {"num_cpus": max(4, os.cpu_count() or 1)}  # one per replica
@@ -90,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
         began = time.monotonic()
         deploying = Deploying(lambda: serve.run(app, name=APP_NAME, route_prefix="/"))
         outcome = wait_until_ready(
-            [deploying.probe, serve_status_probe(APP_NAME), health_probe(f"{url}/health")], stop,
+            [deploying.probe, serve_status_probe(APP_NAME), health_probe(f"{url}/health"),
+             warmup_progress.probe(APP_NAME)], stop,
             args.startup_timeout_s,
             on_progress=lambda why: print(f"splitserve: waiting ({time.monotonic() - began:.0f} s): "
                                           f"{why}", flush=True))

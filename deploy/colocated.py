@@ -14,6 +14,7 @@ from deploy.decoder import decoder_info
 from deploy.metrics import DECODER_SERIES, ENCODER_SERIES, StatsExporter
 from encoder_service.config import EncoderConfig
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
+from deploy.warmup_progress import for_this_replica
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -22,7 +23,7 @@ from runtime.object_store import RayObjectStore
 class ColocatedServer:
     def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig,
                  compile_cache: str | None = None) -> None:
-        defer_unused_imports()  # before torch_xla and transformers: ~3 s of CPU less (runtime/lean_imports.py)
+        defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
         # Once per process, before anything compiles: both halves share the process's cache.
         cache = enable_persistent_cache(compile_cache, "colocated", device_kind=decoder.device,
                                         defer_check=True)
@@ -30,8 +31,13 @@ class ColocatedServer:
         from encoder_service.service import EncoderService
 
         store = RayObjectStore()
-        self.encoder = EncoderService(encoder, store)
-        self.decoder = DecoderService(decoder, store)
+        progress = {half: for_this_replica(half) for half in ("encoder", "decoder")}
+        try:
+            self.encoder = EncoderService(encoder, store, warmup_progress=progress["encoder"])
+            self.decoder = DecoderService(decoder, store, warmup_progress=progress["decoder"])
+        finally:
+            for publisher in progress.values():
+                publisher.done()
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)
         self._metrics = StatsExporter("colocated", self.stats, ENCODER_SERIES + DECODER_SERIES, buckets=True)

@@ -21,6 +21,7 @@ from ray import serve
 from decoder_service.config import DecoderConfig
 from deploy.autoscaling import TOKENS_IN_FLIGHT
 from deploy.metrics import DECODER_SERIES, StatsExporter, hit_rate
+from deploy.warmup_progress import for_this_replica
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.messages import GenerateChunk, GenerateRequest
@@ -39,12 +40,16 @@ def decoder_info(service: DecoderService) -> dict:
 
 class DecoderServer:
     def __init__(self, config: DecoderConfig, compile_cache: str | None = None) -> None:
-        defer_unused_imports()  # before torch_xla and transformers: ~3 s of CPU less (runtime/lean_imports.py)
+        defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
         cache = enable_persistent_cache(compile_cache, "decoder", device_kind=config.device,
                                         defer_check=True)  # first: before anything compiles
         from decoder_service.service import DecoderService  # torch: in the replica, not the driver
 
-        self.service = DecoderService(config, RayObjectStore())
+        progress = for_this_replica("decoder")  # for `splitserve serve` to show while it compiles
+        try:
+            self.service = DecoderService(config, RayObjectStore(), warmup_progress=progress)
+        finally:
+            progress.done()
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)
         self._tokens_in_flight = 0  # output tokens still owed to the requests in this replica

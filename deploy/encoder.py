@@ -16,6 +16,7 @@ from deploy.autoscaling import IMAGES_IN_FLIGHT
 from encoder_service.config import EncoderConfig
 from deploy.metrics import ENCODER_SERIES, Series, StatsExporter, hit_rate
 from runtime.messages import EmbeddingRef, ItemError
+from deploy.warmup_progress import for_this_replica
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -30,12 +31,16 @@ class EncoderServer:
     def __init__(self, config: EncoderConfig | dict, compile_cache: str | None = None) -> None:
         if isinstance(config, dict):
             config = EncoderConfig(**config)
-        defer_unused_imports()  # before torch_xla and transformers: ~3 s of CPU less (runtime/lean_imports.py)
+        defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
         cache = enable_persistent_cache(compile_cache, "encoder", device_kind=config.device,
                                         defer_check=True)  # first: before anything compiles
         from encoder_service.service import EncoderService  # torch: in the replica, not the driver
 
-        self.service = EncoderService(config, RayObjectStore())
+        progress = for_this_replica("encoder")  # for `splitserve serve` to show while it compiles
+        try:
+            self.service = EncoderService(config, RayObjectStore(), warmup_progress=progress)
+        finally:
+            progress.done()
         if cache.check_pending:
             record_smoke_check_in_background(compile_cache)
         self._images_in_flight = 0

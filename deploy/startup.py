@@ -55,7 +55,8 @@ def wait_until_ready(probes: list[Probe], stop: threading.Event, timeout_s: floa
             return Readiness("failed", "; ".join(failed))
         if all(r.state == "ready" for r in readings):
             return READY
-        waiting = "; ".join(r.detail for r in readings if r.state != "ready" and r.detail)
+        # A ready probe may still say something (the warm-up progress probe always does).
+        waiting = "; ".join(" ".join(r.detail.split()) for r in readings if r.detail)  # one line
         if clock() > deadline:
             return Readiness("failed", f"not ready after {timeout_s:.0f} s (the start-up bound): "
                                        f"{waiting or 'still starting'}")

@@ -33,7 +33,7 @@ from encoder_service.vision_model import VisionEncoder
 from runtime.buckets import split_into_buckets, validate_buckets
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
-from runtime.graphs import GraphPlan
+from runtime.graphs import GraphPlan, WarmupProgress
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,23 @@ class EncoderRunner:
         self.plan = GraphPlan([(bucket,) for bucket in self.buckets])
         self.warmup_seconds: dict[int, float] = {}
 
-    def warm_up(self, full: bool = True) -> dict[int, float]:
+    def warm_up(self, full: bool = True, progress: WarmupProgress | None = None) -> dict[int, float]:
         """Compiles the largest bucket, which every batch fits, then (with `full`) every other;
-        returns {bucket: seconds}. Logs one line each and a total. Without `full` the rest
-        compile later through `compile_next`, outside any step."""
+        returns {bucket: seconds}. Logs one line each and a total, and tells `progress`
+        (graphs compiled, graphs to compile before serving, graphs planned) before and after
+        each. Without `full` the rest compile later through `compile_next`, outside any step."""
         log.info("encoder: compiling the vision encoder for item-batch buckets %s on %s",
                  list(self.buckets) if full else [self.buckets[-1]], self.device.describe())
+        before_serving = len(self.plan.planned) if full else 1
+        report = progress or (lambda *_: None)
+        report(len(self.plan.compiled), before_serving, len(self.plan.planned))
         self.guard.start_warmup()
         start = time.perf_counter()
         self._compile(self.plan.covering)
+        report(len(self.plan.compiled), before_serving, len(self.plan.planned))
         self.guard.mark_warm()
         while full and self.compile_next():
-            pass
+            report(len(self.plan.compiled), before_serving, len(self.plan.planned))
         log.info("encoder: compiled %d buckets (%d graphs) in %.2f s", len(self.plan.compiled),
                  self.guard.warmup_compilations, time.perf_counter() - start)
         return dict(self.warmup_seconds)

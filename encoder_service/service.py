@@ -42,13 +42,15 @@ from runtime.host_cpu import HostCpu
 from runtime.embedding_dtype import to_stored
 from runtime.image_key import image_cache_key, preprocess_fingerprint
 from runtime.messages import EmbeddingMeta, EmbeddingRef, ItemError
+from runtime.graphs import WarmupProgress
 from runtime.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 
 class EncoderService:
-    def __init__(self, config: EncoderConfig, store: ObjectStore) -> None:
+    def __init__(self, config: EncoderConfig, store: ObjectStore,
+                 warmup_progress: WarmupProgress | None = None) -> None:
         started = time.perf_counter()
         self.config = config
         self._store = store
@@ -68,7 +70,7 @@ class EncoderService:
             max_image_pixels=config.max_image_pixels)
         guard = CompileGuard(device, strict=config.strict_compile, name="encoder")
         self._runner = EncoderRunner(model, device, config.buckets, guard)
-        self._runner.warm_up(full=config.full_warmup)
+        self._runner.warm_up(full=config.full_warmup, progress=warmup_progress)
         self._host_cpu = HostCpu()
         # A LocalObjectStore frees an array only when told; Ray frees it with its last ref.
         drop = getattr(store, "drop", None)

@@ -19,7 +19,10 @@ compiled graph whose every size is at least what it needs (`fit`). Once all are 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+# Told during a warm-up: (graphs compiled, graphs to compile before serving, graphs planned).
+WarmupProgress = Callable[[int, int, int], None]
 
 
 class GraphPlan:

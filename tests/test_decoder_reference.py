@@ -163,11 +163,14 @@ def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpo
     # requests have decoded on the prefill graph.
     monkeypatch.setattr(ModelRunner, "compile_next", lambda self: False)
     # Shapes no other decoder of the suite has, so no graph is in the process's XLA cache yet.
+    told = []  # the warm-up progress `splitserve serve` shows
     service = DecoderService(DecoderConfig(
         model=str(tiny_checkpoint), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-        background_compile_share=0.0, strict_compile=True), LocalObjectStore())
+        background_compile_share=0.0, strict_compile=True), LocalObjectStore(),
+        warmup_progress=lambda *progress: told.append(progress))
     try:
         runner = service.runner
+        assert told == [(0, 1, runner.graphs_planned), (1, 1, runner.graphs_planned)]
         assert runner.guard.warmup_compilations >= 1 and service.stats()["graphs_compiled"] == 1
         assert not runner.can_decode
         specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]

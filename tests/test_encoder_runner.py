@@ -156,9 +156,10 @@ def test_warm_up_compiles_without_running_and_steps_reuse_its_graph(tiny_checkpo
     guard = CompileGuard(device, strict=True, name="encoder-test-compile-only")
     model = load_vision_encoder(open_checkpoint(str(tiny_checkpoint)))
     runner = EncoderRunner(model, device, (6,), guard)  # no other test compiles a batch of 6
-    before = executions()
-    runner.warm_up()
+    before, told = executions(), []
+    runner.warm_up(progress=lambda *progress: told.append(progress))
     assert guard.warmup_compilations == 1 and executions() == before
+    assert told == [(0, 1, 1), (1, 1, 1)]  # compiled, before serving, planned
     pixels = np.random.default_rng(0).random((2, *runner.pixel_shape), dtype=np.float32)
     out = runner.run(list(pixels))
     assert executions() == before + 1 and guard.compilations_after_warmup == 0

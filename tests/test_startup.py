@@ -164,3 +164,33 @@ def test_serve_exits_with_the_replica_exception_when_a_replica_cannot_start(tiny
     assert "the deploy failed" in result.stderr, result.stdout[-2000:] + result.stderr[-4000:]
     assert "size mismatch" in result.stderr, result.stderr[-4000:]
     assert seconds < 120  # Ray's start (~15 s) and one replica start, not Serve's retries
+
+
+def test_warmup_progress_of_replicas_in_their_constructors():
+    """Replicas publish (compiled, before serving, planned) under their app; the CLI's probe
+    sums them per service, never gates readiness, and shows nothing once they are done."""
+    from deploy.warmup_progress import Publisher, Store, probe
+
+    kv: dict[str, bytes] = {}
+    store = Store(put=kv.__setitem__, delete=lambda key: kv.pop(key, None),
+                  list=lambda prefix: [key.encode() for key in kv if key.startswith(prefix)],
+                  get=kv.get)
+    encoders = [Publisher("app", "encoder", f"actor{i}", store) for i in range(2)]
+    decoder = Publisher("app", "decoder", "actor9", store)
+    Publisher("other-app", "decoder", "actor7", store)(0, 54, 54)  # another app's: not shown
+    encoders[0](1, 1, 4)
+    encoders[1](0, 1, 4)
+    decoder(12, 54, 54)
+    reading = probe("app", store)()
+    assert reading == Readiness("ready", "compiling: decoder 12/54 graphs before serving (54 planned), "
+                                         "encoder 1/2 graphs before serving (8 planned, 2 replicas)")
+    said = []
+    stop = threading.Event()
+    starting = iter([Readiness("starting", "warming up: decoder"), Readiness("ready")])
+    outcome = wait_until_ready([lambda: next(starting), probe("app", store)], stop, timeout_s=60,
+                               poll_s=0.01, on_progress=said.append)
+    assert outcome.state == "ready"
+    assert said == [f"warming up: decoder; {reading.detail}"]
+    for publisher in (*encoders, decoder):
+        publisher.done()
+    assert probe("app", store)() == Readiness("ready") and list(kv) == ["splitserve-warmup/other-app/decoder/actor7"]
