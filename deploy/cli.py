@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    # This process calls ray.init itself. Without this (read when ray is first imported), a
+    # Ctrl-C mid-deploy ends with serve.run's thread, cut off by ray.shutdown(), starting a new
+    # Ray as the process exits, and saying so.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     from deploy.app import AppArgs, build_app, resolve_model
 
     model = resolve_model(args.model)
@@ -74,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     # No --address: always a new local Ray, never a cluster some other process left running.
     ray.init(address=args.address or "local", namespace="splitserve", include_dashboard=False,
              log_to_driver=args.verbose, **local)
-    stop, drain = threading.Event(), True
+    stop, drain, serving = threading.Event(), True, True
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
@@ -96,7 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.startup_timeout_s,
             on_progress=lambda why: print(f"splitserve: waiting ({time.monotonic() - began:.0f} s): "
                                           f"{why}", flush=True))
-        if outcome.state == "stopped":
+        if outcome.state == "stopped":  # Ctrl-C before ready: nothing has been served
+            serving = False
             return 130
         if outcome.state == "failed":
             print(f"splitserve: the deploy failed: {outcome.detail}", file=sys.stderr, flush=True)
@@ -111,7 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if drain:  # deleting the app drains it: streams in flight finish first
             try:
-                serve.delete(APP_NAME)
+                # Replicas still in their constructors have nothing to drain, and Serve would
+                # wait for them (a minute, then fail): the controller deletes them on its own.
+                serve.delete(APP_NAME, _blocking=serving)
             except Exception as exc:  # noqa: BLE001: shutting down regardless
                 print(f"splitserve: draining failed: {exc}", file=sys.stderr, flush=True)
         # Our own local Ray goes with everything in it. (serve.shutdown() would end with the
