@@ -20,6 +20,7 @@ False
 
 from __future__ import annotations
 
+import logging
 import sys
 
 BLOCKED = ("torch", "torch_xla")
@@ -27,8 +28,19 @@ BLOCKED = ("torch", "torch_xla")
 
 def without_torch(modules: dict | None = None) -> bool:
     """Blocks the BLOCKED modules not imported yet in `modules` (default `sys.modules`); True if
-    torch itself is now blocked."""
+    torch itself is now blocked. transformers' warning that it found no PyTorch is dropped:
+    here that is the point."""
     modules = sys.modules if modules is None else modules
     for name in BLOCKED:
         modules.setdefault(name, None)  # None in sys.modules: the import raises ImportError
+    if modules is sys.modules:
+        logging.getLogger("transformers").addFilter(_NO_TORCH_WARNING)  # once: addFilter dedups
     return modules["torch"] is None
+
+
+class _ExpectedWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+_NO_TORCH_WARNING = _ExpectedWarning()
