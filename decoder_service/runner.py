@@ -34,7 +34,7 @@ from decoder_service.sampler import index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
-from runtime.graphs import GraphPlan, WarmupProgress
+from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,13 @@ class ModelRunner:
         log.info("decoder: %d prefill and %d decode graphs planned; compiling %s first",
                  len(self.plans["prefill"].planned), len(self.plans["decode"].planned),
                  "all" if full else "the covering prefill graph")
-        before_serving = self.graphs_planned if full else 1
-        report = progress or (lambda *_: None)
-        report(self.graphs_compiled, before_serving, self.graphs_planned)
+        report = warmup_reporter(progress, lambda: self.graphs_compiled, self.graphs_planned, full)
+        report()
         self._compile("prefill", self.plans["prefill"].covering)
-        report(self.graphs_compiled, before_serving, self.graphs_planned)
+        report()
         self.guard.mark_warm()
         while full and self.compile_next():
-            report(self.graphs_compiled, before_serving, self.graphs_planned)
+            report()
         self.warmup_seconds = time.perf_counter() - started
         log.info("decoder: ready after %.2f s of warm-up (%d of %d graphs compiled)",
                  self.warmup_seconds, self.graphs_compiled, self.graphs_planned)

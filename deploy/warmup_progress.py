@@ -8,8 +8,8 @@ graphs it compiles before serving and the graphs planned; the key is deleted onc
 constructor is done. The CLI reads every key of its app each poll and prints one part per
 service: `encoder 0/1 graphs before serving (4 planned)`.
 
-`publisher` and `probe` take the store's functions as parameters (`ray.experimental.
-internal_kv`'s by default) so tests can hand in a dict.
+`Publisher` and `probe` take a `Store` (`ray.experimental.internal_kv`'s functions by default)
+so tests can hand in a dict.
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def describe(app: str, store: Store) -> str:
             continue
         entry = json.loads(value)
         total = totals.setdefault(entry["service"], [0, 0, 0, 0])
-        for i, field in enumerate(("compiled", "before_serving", "planned")):
-            total[i] += min(entry[field], entry["before_serving"]) if field == "compiled" else entry[field]
-        total[3] += 1
+        total[0] += min(entry["compiled"], entry["before_serving"])
+        total[1] += entry["before_serving"]
+        total[2] += entry["planned"]
+        total[3] += 1  # replicas
     return ", ".join(
         f"{service} {compiled}/{before} graphs before serving ({planned} planned"
         + (f", {replicas} replicas)" if replicas > 1 else ")")

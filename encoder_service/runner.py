@@ -10,8 +10,8 @@ Compile discipline (after vLLM's TPU model runner):
   seconds, then marks the compile guard warm. It compiles without running (a full batch of
   images through the tower: ~2 s of a 2-core CPU at bucket 8): the step reads its result
   without a step barrier (`Device.read_stateless`), which is how torch_xla keys the warm-up's
-  executable. Buckets left out compile
-  later through `compile_next` (the batcher calls it when idle), outside any step; a batch
+  executable. Buckets left out compile later through `compile_next` (the batcher calls it
+  when idle), outside any step; a batch
   runs on the smallest compiled bucket that holds it. After warm-up the guard checks that
   nothing compiled inside a step.
 
@@ -33,7 +33,7 @@ from encoder_service.vision_model import VisionEncoder
 from runtime.buckets import split_into_buckets, validate_buckets
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
-from runtime.graphs import GraphPlan, WarmupProgress
+from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,15 @@ class EncoderRunner:
         each. Without `full` the rest compile later through `compile_next`, outside any step."""
         log.info("encoder: compiling the vision encoder for item-batch buckets %s on %s",
                  list(self.buckets) if full else [self.buckets[-1]], self.device.describe())
-        before_serving = len(self.plan.planned) if full else 1
-        report = progress or (lambda *_: None)
-        report(len(self.plan.compiled), before_serving, len(self.plan.planned))
+        report = warmup_reporter(progress, lambda: len(self.plan.compiled), len(self.plan.planned), full)
+        report()
         self.guard.start_warmup()
         start = time.perf_counter()
         self._compile(self.plan.covering)
-        report(len(self.plan.compiled), before_serving, len(self.plan.planned))
+        report()
         self.guard.mark_warm()
         while full and self.compile_next():
-            report(len(self.plan.compiled), before_serving, len(self.plan.planned))
+            report()
         log.info("encoder: compiled %d buckets (%d graphs) in %.2f s", len(self.plan.compiled),
                  self.guard.warmup_compilations, time.perf_counter() - start)
         return dict(self.warmup_seconds)

@@ -25,6 +25,19 @@ from collections.abc import Callable, Sequence
 WarmupProgress = Callable[[int, int, int], None]
 
 
+def warmup_reporter(progress: WarmupProgress | None, compiled: Callable[[], int], planned: int,
+                    full: bool) -> Callable[[], None]:
+    """What a warm-up calls before its first compile and after each: tells `progress` how far
+    it is. Before serving, a replica compiles its covering graph alone, or with `full` all."""
+    before_serving = planned if full else 1
+
+    def report() -> None:
+        if progress is not None:
+            progress(compiled(), before_serving, planned)
+
+    return report
+
+
 class GraphPlan:
     def __init__(self, planned: Sequence[tuple[int, ...]]) -> None:
         if not planned:
