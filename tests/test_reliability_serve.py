@@ -101,14 +101,18 @@ def replicas(deployment: str) -> list[str]:
 
 def kill(deployment: str, count: int = 1) -> list[str]:
     """Kills `count` replicas of `deployment` and returns once Ray reports them dead."""
-    victims = replicas(deployment)[:count]
+    return kill_replica(*replicas(deployment)[:count], deployment=deployment)
+
+
+def kill_replica(*victims: str, deployment: str) -> list[str]:
+    """Kills the named replica actors and returns once Ray reports them dead."""
     for name in victims:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 60
     while set(victims) & set(replicas(deployment)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not set(victims) & set(replicas(deployment)), f"{victims} still alive"
-    return victims
+    return list(victims)
 
 
 def wait_for_running(deployment: str, count: int, timeout_s: float = REPLACE_TIMEOUT_S) -> float:
@@ -148,6 +152,14 @@ def load_gauges(metrics_port: int) -> dict[str, float]:
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def ongoing_by_replica(deployment: str) -> dict[str, int]:
+    """Requests each live replica of `deployment` is handling now (Serve's own count)."""
+    names = replicas(deployment)
+    counts = ray.get([ray.get_actor(n, namespace="serve").get_num_ongoing_requests.remote()
+                      for n in names])
+    return dict(zip(names, counts))
 
 
 def assert_back_to_idle(metrics_port: int, timeout_s: float = 60) -> None:
@@ -255,17 +267,26 @@ async def test_decoder_replica_death_ends_its_streams_promptly_and_spares_the_re
     async with httpx.AsyncClient(base_url=app_url, timeout=120) as client:
         streams = [asyncio.create_task(read_stream(client, long_stream(i), events)) for i in range(6)]
         deadline = time.monotonic() + 60
-        while len(events) < 6 * 4 and time.monotonic() < deadline:  # every stream is decoding
+        while len(events) < 6 * 4 and time.monotonic() < deadline:  # the streams are decoding
             await asyncio.sleep(0.05)
+        held = await asyncio.to_thread(ongoing_by_replica, "decoder")
+        while sum(held.values()) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            held = await asyncio.to_thread(ongoing_by_replica, "decoder")
+        # The victim is the replica holding the most streams: with two replicas, routing
+        # usually splits them, but a queue-length probe that misses its deadline on a busy
+        # machine counts that replica as full, and then one replica has all six.
+        victim = max(held, key=held.get)
         killed_at = time.monotonic()
-        await asyncio.to_thread(kill, "decoder")
+        await asyncio.to_thread(kill_replica, victim, deployment="decoder")
         seen = await asyncio.wait_for(asyncio.gather(*streams), timeout=90)
         survivor = await client.post("/v1/chat/completions", json=image_request(
             image_data_url(Image.linear_gradient("L").convert("RGB"))))
 
     failed = [s for s in seen if s["error"]]
     finished = [s for s in seen if not s["error"]]
-    assert failed and finished  # the victim had streams, and the other replica had the rest
+    assert sum(held.values()) == 6, held
+    assert len(failed) == held[victim] and len(finished) == 6 - held[victim], held
     for s in failed:  # a clear in-band error, soon after the kill, then the end of the stream
         assert s["error"]["type"] == "unavailable" and s["error"]["code"] == 503
         assert "decoder replica" in s["error"]["message"]
