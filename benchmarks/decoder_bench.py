@@ -105,7 +105,7 @@ def main() -> None:
             next_block += len(seq.block_table)
             seqs.append(seq)
         graph = tuple(pad_to_bucket(n, b) for n, b in zip(
-            decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.block_buckets)))
+            decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.decode_block_buckets)))
         inputs = build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
         host_t0 = time.perf_counter()
         build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
@@ -171,7 +171,7 @@ def grammar_decode(runner, checkpoint, device, steps: int, rng, batch: int = 16)
             seqs.append(seq)
         graph = tuple(pad_to_bucket(n, b) for n, b in zip(
             (batch, -(-(128 + batch + steps) // shapes.block_size)),
-            (shapes.decode_batch_buckets, shapes.block_buckets)))
+            (shapes.decode_batch_buckets, shapes.decode_block_buckets)))
         runner.decode(build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size))  # compile
         host_s, t0 = 0.0, time.perf_counter()
         for _ in range(steps):

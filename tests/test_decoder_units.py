@@ -40,6 +40,7 @@ def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence()
     shapes = _shapes(kv_cache_bytes=2**20)
     assert shapes.decode_batch_buckets == (1, 2, 4)
     assert shapes.block_buckets == (2, 4, 8, 16)  # 32..256 tokens of context
+    assert shapes.decode_block_buckets == (2, 4, 8, 12, 16)  # 1.5x midpoints from 8 blocks
     assert shapes.chunk_buckets == (16, 32, 64)
     assert shapes.num_blocks == 2**20 // TINY_KV.block_bytes(16)
     assert (64, 2) not in shapes.prefill_graphs()  # 33+ tokens never fit 2 blocks
@@ -58,7 +59,8 @@ def _reachable_graphs(shapes):
     prompts' context blocks (at least the chunk's own, at most one sequence's worth, which the
     scheduler enforces) are anything between."""
     bs, top = shapes.block_size, shapes.max_blocks_per_seq
-    decode = {(pad_to_bucket(n, shapes.decode_batch_buckets), pad_to_bucket(k, shapes.block_buckets))
+    decode = {(pad_to_bucket(n, shapes.decode_batch_buckets),
+               pad_to_bucket(k, shapes.decode_block_buckets))
               for n in range(1, shapes.max_num_seqs + 1) for k in range(1, top + 1)}
     prefill = {(pad_to_bucket(c, shapes.chunk_buckets), pad_to_bucket(k, shapes.block_buckets))
                for c in range(1, shapes.max_chunk_tokens + 1) for k in range(-(-c // bs), top + 1)}
