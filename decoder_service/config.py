@@ -34,6 +34,10 @@ class DecoderConfig:
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # the paged KV pool, all layers, keys + values
     block_size: int = 16  # tokens per KV block
     max_num_batched_tokens: int = 256  # decode tokens + prefill chunk tokens per engine step
+    # Prefill tokens a step that also decodes may carry (None: half of max_num_batched_tokens).
+    # A step's chunk stalls every running stream for its duration: this bounds that stall, while
+    # a step with nothing decoding still prefills a whole budget.
+    max_chunk_tokens_while_decoding: int | None = None
     max_prefill_seqs: int = 4  # prompts whose chunks share one prefill graph
     max_images_per_request: int = 4
     min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
@@ -56,11 +60,20 @@ class DecoderConfig:
         if self.min_chunk_tokens > self.max_num_batched_tokens:
             raise ValueError(f"min_chunk_tokens ({self.min_chunk_tokens}) must be <= "
                              f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+        cap = self.max_chunk_tokens_while_decoding
+        if cap is not None and not 1 <= cap <= self.max_num_batched_tokens:
+            raise ValueError(f"max_chunk_tokens_while_decoding must be between 1 and "
+                             f"max_num_batched_tokens ({self.max_num_batched_tokens}), got {cap}")
         if not 0.0 <= self.background_compile_share <= 1.0:
             raise ValueError(f"background_compile_share must be in [0, 1], got "
                              f"{self.background_compile_share}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+    @property
+    def chunk_tokens_while_decoding(self) -> int:
+        return self.max_chunk_tokens_while_decoding or max(1, self.max_num_batched_tokens // 2)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Pure host policy; it never touches tensors. Called only from the engine thread.
 
 Each step holds every decoding sequence (one token each) plus prefill chunks up to
-the token budget (`max_num_batched_tokens` less the decode tokens), so a long
-prompt spreads over steps and running sequences never wait longer than one
-budgeted step. Chunks go first to prompts already started, in admission order,
+the token budget (`max_num_batched_tokens` less the decode tokens, and at most
+`chunk_tokens_while_decoding` when anything decodes), so a long prompt spreads over
+steps and running sequences never wait longer than one budgeted step; a step with
+nothing decoding spends the whole budget on prompts. Chunks go first to prompts already started, in admission order,
 then to waiting requests (first come, first served), each of which first takes
 its longest cached prefix. A prompt is admitted only when the pool can hold all
 of its blocks. When a decoding sequence needs a block and the pool is empty, the
@@ -48,10 +49,12 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, shapes: DecoderShapes, blocks: BlockManager, max_num_batched_tokens: int) -> None:
+    def __init__(self, shapes: DecoderShapes, blocks: BlockManager, max_num_batched_tokens: int,
+                 chunk_tokens_while_decoding: int | None = None) -> None:
         self.shapes = shapes
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunk_tokens_while_decoding = chunk_tokens_while_decoding or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.preemptions = 0
@@ -65,6 +68,8 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         decodes = self._schedule_decodes()
         budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
+        if decodes:
+            budget = min(budget, self.chunk_tokens_while_decoding)
         chunks: list[Chunk] = []
         context_blocks = 0
         for seq in self.running:

@@ -69,8 +69,9 @@ class DecoderService:
         self.runner.warm_up(full=config.full_warmup, progress=warmup_progress)
         blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
                               config.enable_prefix_caching)
-        self.engine = Engine(self.runner, Scheduler(self.shapes, blocks, config.max_num_batched_tokens),
-                             self.tokenizer, self.eos_token_id,
+        scheduler = Scheduler(self.shapes, blocks, config.max_num_batched_tokens,
+                              config.chunk_tokens_while_decoding)
+        self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
                              background_compile_share=config.background_compile_share)
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)

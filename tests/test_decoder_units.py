@@ -158,7 +158,8 @@ def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_w
     runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
     budget = overrides.get("max_num_batched_tokens", 64)
-    engine = Engine(runner, Scheduler(shapes, blocks, budget), _TOKENIZER, eos_token_id=102,
+    scheduler = Scheduler(shapes, blocks, budget, overrides.get("max_chunk_tokens_while_decoding"))
+    engine = Engine(runner, scheduler, _TOKENIZER, eos_token_id=102,
                     host_cpu=HostCpu(read=lambda: None))  # the host always has CPUs to spare
     return engine, runner
 
@@ -201,6 +202,39 @@ def test_prompts_are_chunked_within_the_budget_and_share_steps_with_decodes():
     kinds = [kind for kind, _ in runner.graphs]
     mixed = sum(a == "decode" and b == "prefill" for a, b in zip(kinds, kinds[1:]))
     assert mixed >= 2  # the long prompt's chunks ran between the short one's decodes
+
+
+def test_a_step_that_decodes_carries_at_most_the_chunk_cap_and_one_that_does_not_a_budget():
+    engine, runner = _engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=16)
+    steps = []  # (decoding sequences, chunk tokens) of each step
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        step = schedule()
+        if step is not None:
+            steps.append((len(step.decodes), sum(c.num_tokens for c in step.chunks)))
+        return step
+    engine.scheduler.schedule = recording
+    short, short_values = _image_seq("short", [101, 5, 6], [], [7], per_image=16)
+    long, long_values = _image_seq("long", [101] * 30, ["a", "b"], [9] * 150)  # 212 tokens
+    out_short = _submit(engine, short)
+    engine.step()  # short prefilled alone, then it decodes for 7 steps
+    out_long = _submit(engine, long)
+    _run(engine)
+    assert _tokens(out_short) == expected_tokens(short_values, 8)
+    assert _tokens(out_long) == expected_tokens(long_values, 8)
+    beside_decodes = [chunk for decodes, chunk in steps if decodes and chunk]
+    alone = [chunk for decodes, chunk in steps if not decodes and chunk]
+    assert beside_decodes and max(beside_decodes) == 16  # the long prompt, while short decodes
+    assert max(alone) == 64  # once short is done: the whole budget
+
+
+def test_the_chunk_cap_while_decoding_defaults_to_half_the_budget():
+    assert DecoderConfig(model="m", max_num_batched_tokens=256).chunk_tokens_while_decoding == 128
+    assert DecoderConfig(model="m", max_num_batched_tokens=256,
+                         max_chunk_tokens_while_decoding=200).chunk_tokens_while_decoding == 200
+    with pytest.raises(ValueError, match="max_chunk_tokens_while_decoding must be between 1 and"):
+        DecoderConfig(model="m", max_num_batched_tokens=256, max_chunk_tokens_while_decoding=300)
 
 
 def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefill_graph():
