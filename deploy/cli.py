@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from runtime.cpu_priority import CPU_PRIORITIES
+
 APP_NAME = "splitserve"
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # generous: the 7B model compiles every bucket on one chip
 
@@ -46,7 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
         decoder["enable_prefix_caching"] = False
     if args.full_warmup:
         decoder["full_warmup"] = True
+    encoder = {"cpu_priority": args.encoder_cpu_priority} if args.encoder_cpu_priority else {}
     app_args = AppArgs(model=model, device=args.device, layout=args.layout, decoder=decoder,
+                       encoder=encoder,
                        encoder_replicas=args.encoder_replicas, decoder_replicas=args.decoder_replicas,
                        compile_cache=args.compile_cache)
     print(f"splitserve: model {model}, device {args.device}, layout {args.layout}", flush=True)
@@ -239,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per engine step: decodes plus prefill chunks (default 256)")
     serve.add_argument("--no-prefix-caching", action="store_true",
                        help="never reuse KV blocks across requests")
+    serve.add_argument("--encoder-cpu-priority", choices=CPU_PRIORITIES,
+                       help="'idle': once warm, the encoder replicas compute only on CPU time the "
+                       "decoder leaves (smoother streams, slower new images, where both share the "
+                       "host's cores: the CPU backend); default 'normal'")
     serve.add_argument("--compile-cache", metavar="DIR",
                        help="torch_xla's persistent compilation cache root (default "
                        "$XDG_CACHE_HOME/splitserve/xla), used where the backend can reload "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from runtime.buckets import power_of_two_buckets
+from runtime.cpu_priority import CPU_PRIORITIES
 from runtime.device import DEVICE_KINDS
 from runtime.embedding_dtype import check_dtype
 from runtime.limits import MAX_IMAGE_BYTES
@@ -23,6 +24,11 @@ class EncoderConfig:
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
     max_image_pixels: int = 40_000_000  # width * height limit, checked before decoding
     preprocess_threads: int = 2  # threads that decode and preprocess images
+    # "idle": once warm, the replica's threads compute only on CPU cycles nothing else wants
+    # (SCHED_IDLE): on a host whose cores it shares with a decoder, the decoder's steps no longer
+    # slow down while images are encoded, and new images wait longer (runtime/cpu_priority.py).
+    # Encoder replicas only: the colocated layout runs both halves on the same threads.
+    cpu_priority: str = "normal"
     full_warmup: bool = False  # compile every bucket before serving (else the largest, then the
     # rest when idle)
     strict_compile: bool = False  # raise on a compilation after warm-up (tests) instead of logging
@@ -34,6 +40,9 @@ class EncoderConfig:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {', '.join(DEVICE_KINDS)}; got {self.device!r}")
         check_dtype(self.embedding_dtype)
+        if self.cpu_priority not in CPU_PRIORITIES:
+            raise ValueError(f"cpu_priority must be one of {', '.join(CPU_PRIORITIES)}; "
+                             f"got {self.cpu_priority!r}")
         _require_int(self, "max_batch_items", minimum=1)
         _require_int(self, "encoder_cache_bytes", minimum=0)
         _require_int(self, "max_image_bytes", minimum=1)
