@@ -70,7 +70,6 @@ class DecoderConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
-
     @property
     def chunk_tokens_while_decoding(self) -> int:
         return self.max_chunk_tokens_while_decoding or max(1, self.max_num_batched_tokens // 2)

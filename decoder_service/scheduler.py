@@ -5,13 +5,14 @@ Pure host policy; it never touches tensors. Called only from the engine thread.
 Each step holds every decoding sequence (one token each) plus prefill chunks up to
 the token budget (`max_num_batched_tokens` less the decode tokens, and at most
 `chunk_tokens_while_decoding` when anything decodes), so a long prompt spreads over
-steps and running sequences never wait longer than one budgeted step; a step with
-nothing decoding spends the whole budget on prompts. Chunks go first to prompts already started, in admission order,
-then to waiting requests (first come, first served), each of which first takes
-its longest cached prefix. A prompt is admitted only when the pool can hold all
-of its blocks. When a decoding sequence needs a block and the pool is empty, the
-newest running sequence is preempted: its blocks are released (they stay cached)
-and it waits at the head of the queue to be computed again.
+steps and running sequences never wait longer than one capped chunk; a step with
+nothing decoding spends the whole budget on prompts. Chunks go first to prompts
+already started, in admission order, then to waiting requests (first come, first
+served), each of which first takes its longest cached prefix. A prompt is admitted
+only when the pool can hold all of its blocks. When a decoding sequence needs a
+block and the pool is empty, the newest running sequence is preempted: its blocks
+are released (they stay cached) and it waits at the head of the queue to be
+computed again.
 """
 
 from __future__ import annotations
