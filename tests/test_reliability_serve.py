@@ -273,9 +273,9 @@ async def test_decoder_replica_death_ends_its_streams_promptly_and_spares_the_re
         while sum(held.values()) < 6 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             held = await asyncio.to_thread(ongoing_by_replica, "decoder")
-        # The victim is the replica holding the most streams: with two replicas, routing
-        # usually splits them, but a queue-length probe that misses its deadline on a busy
-        # machine counts that replica as full, and then one replica has all six.
+        # The victim is the replica holding the most streams: routing usually splits them
+        # between the two, but not always (one full-suite run had all six on the replica
+        # that was not killed), and the test is about what a death does to its streams.
         victim = max(held, key=held.get)
         killed_at = time.monotonic()
         await asyncio.to_thread(kill_replica, victim, deployment="decoder")
