@@ -263,16 +263,16 @@ async def test_small_soak_has_no_unexpected_errors_and_flat_memory(app_url, metr
 
 async def test_decoder_replica_death_ends_its_streams_promptly_and_spares_the_rest(app_url,
                                                                                 metrics_port):
-    events: list[float] = []
+    events: list[list[float]] = [[] for _ in range(6)]  # each stream's arrival times
     async with httpx.AsyncClient(base_url=app_url, timeout=120) as client:
-        streams = [asyncio.create_task(read_stream(client, long_stream(i), events)) for i in range(6)]
+        streams = [asyncio.create_task(read_stream(client, long_stream(i), events[i]))
+                   for i in range(6)]
         deadline = time.monotonic() + 60
-        while len(events) < 6 * 4 and time.monotonic() < deadline:  # the streams are decoding
+        # Every stream has sent tokens: the router retries a decoder call that dies before its
+        # first chunk on the other replica, so a stream killed earlier would just finish there.
+        while min(map(len, events)) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         held = await asyncio.to_thread(ongoing_by_replica, "decoder")
-        while sum(held.values()) < 6 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            held = await asyncio.to_thread(ongoing_by_replica, "decoder")
         # The victim is the replica holding the most streams: routing usually splits them
         # between the two, but not always (one full-suite run had all six on the replica
         # that was not killed), and the test is about what a death does to its streams.
@@ -285,8 +285,7 @@ async def test_decoder_replica_death_ends_its_streams_promptly_and_spares_the_re
 
     failed = [s for s in seen if s["error"]]
     finished = [s for s in seen if not s["error"]]
-    assert sum(held.values()) == 6, held
-    assert len(failed) == held[victim] and len(finished) == 6 - held[victim], held
+    assert held[victim] >= 1 and len(failed) == held[victim], held  # each stream it held
     for s in failed:  # a clear in-band error, soon after the kill, then the end of the stream
         assert s["error"]["type"] == "unavailable" and s["error"]["code"] == 503
         assert "decoder replica" in s["error"]["message"]
