@@ -72,7 +72,7 @@ class DecoderConfig:
 
     @property
     def chunk_tokens_while_decoding(self) -> int:
-        return self.max_chunk_tokens_while_decoding or max(1, self.max_num_batched_tokens // 2)
+        return self.max_chunk_tokens_while_decoding or self.max_num_batched_tokens // 2
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,11 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, shapes: DecoderShapes, blocks: BlockManager, max_num_batched_tokens: int,
-                 chunk_tokens_while_decoding: int | None = None) -> None:
+                 chunk_tokens_while_decoding: int) -> None:
         self.shapes = shapes
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.chunk_tokens_while_decoding = chunk_tokens_while_decoding or max_num_batched_tokens
+        self.chunk_tokens_while_decoding = chunk_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.preemptions = 0

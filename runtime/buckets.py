@@ -57,7 +57,7 @@ def power_of_two_buckets(max_size: int, min_size: int = 1, *,
             buckets.append(size + size // 2)
         size *= 2
     buckets.append(max_size)
-    return tuple(sorted(set(buckets)))
+    return tuple(buckets)
 
 
 def split_into_buckets(n: int, buckets: Sequence[int]) -> list[int]:

@@ -158,7 +158,8 @@ def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_w
     runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
     budget = overrides.get("max_num_batched_tokens", 64)
-    scheduler = Scheduler(shapes, blocks, budget, overrides.get("max_chunk_tokens_while_decoding"))
+    cap = overrides.get("max_chunk_tokens_while_decoding", budget)  # default: no cap
+    scheduler = Scheduler(shapes, blocks, budget, cap)
     engine = Engine(runner, scheduler, _TOKENIZER, eos_token_id=102,
                     host_cpu=HostCpu(read=lambda: None))  # the host always has CPUs to spare
     return engine, runner
