@@ -24,6 +24,16 @@ class PagedKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every layer's keys, then every layer's values: the state a replayed step updates."""
+        return [*self.keys, *self.values]
+
+    def replace(self, tensors: list[torch.Tensor]) -> None:
+        """Takes a step's new state (`tensors`' order); the old tensors' buffers were donated."""
+        n = len(self.keys)
+        self.keys, self.values = list(tensors[:n]), list(tensors[n:])
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 

@@ -5,6 +5,10 @@ Compile discipline (after vLLM's TPU model runner):
   moved to the device once per graph call; outputs come back as one packed tensor;
 - a graph is embed (+ image merge), layers, sampling. Inside it there is no `.item()`,
   no `.cpu()`, no boolean-mask indexing, no data-dependent shape;
+- each graph is traced once, when it is compiled, and then replayed by hash
+  (`runtime.graph_replay`): a step runs no model Python. Everything that varies between
+  steps is one of the step's input arrays; the KV cache is the state each step updates
+  in place (its buffers donated);
 - the graphs are the (chunk tokens, context blocks) prefill family and the (batch, blocks)
   decode family of `DecoderShapes`. `warm_up` compiles one graph, the prefill family's
   covering one (the largest, which every chunk fits by padding up), so the replica can
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -34,6 +39,7 @@ from decoder_service.sampler import index_tensors, sample
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
+from runtime.graph_replay import ReplayedGraph
 from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
 
 log = logging.getLogger(__name__)
@@ -101,44 +107,69 @@ class ModelRunner:
             device.sync()
         self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
                       "decode": GraphPlan(self.shapes.decode_graphs())}
+        self._graphs: dict[tuple[str, tuple[int, int]], ReplayedGraph] = {}  # xla: captured
         self.warmup_seconds = 0.0  # until ready: the covering graph (or all, with full=True)
         self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device.torch_device)
+    def _device_inputs(self, x: PrefillInputs | DecodeInputs) -> dict[str, torch.Tensor]:
+        """A step's host arrays as device tensors, by field name (sampling rows' prefixed)."""
+        dev = self.device.torch_device
+        tensors = {f.name: torch.from_numpy(getattr(x, f.name)).to(dev)
+                   for f in fields(x) if f.name != "sampling"}
+        tensors.update({f"sampling.{name}": t for name, t in x.sampling.to(dev).items()})
+        return tensors
+
+    def _sample(self, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = {name.removeprefix("sampling."): v for name, v in t.items()
+                if name.startswith("sampling.")}
+        return sample(logits, **rows, **self.sampler_indices)
 
     @torch.no_grad()
-    def _prefill(self, x: PrefillInputs) -> torch.Tensor:
-        d = self._to_device
-        embeds = self.model.embed_tokens(d(x.token_ids))
-        embeds = torch.where(d(x.is_image)[:, None], d(x.image_rows).to(embeds.dtype), embeds)
-        logits = self.model.prefill(embeds, d(x.positions), d(x.write_blocks), d(x.write_offsets),
-                                    d(x.query_seq), d(x.context_blocks), d(x.key_seq),
-                                    d(x.key_positions), d(x.last_index), self.cos, self.sin, self.cache)
-        return sample(logits, **x.sampling.to(self.device.torch_device), **self.sampler_indices)
+    def _prefill(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = self.model.embed_tokens(t["token_ids"])
+        embeds = torch.where(t["is_image"][:, None], t["image_rows"].to(embeds.dtype), embeds)
+        logits = self.model.prefill(embeds, t["positions"], t["write_blocks"], t["write_offsets"],
+                                    t["query_seq"], t["context_blocks"], t["key_seq"],
+                                    t["key_positions"], t["last_index"], self.cos, self.sin, self.cache)
+        return self._sample(logits, t)
 
     @torch.no_grad()
-    def _decode(self, x: DecodeInputs) -> torch.Tensor:
-        d = self._to_device
-        attended = x.block_tables.shape[1] * self.shapes.block_size
-        logits = self.model.decode(d(x.token_ids), d(x.positions), d(x.write_blocks),
-                                   d(x.write_offsets), d(x.block_tables), d(x.context_lens),
+    def _decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        attended = t["block_tables"].shape[1] * self.shapes.block_size
+        logits = self.model.decode(t["token_ids"], t["positions"], t["write_blocks"],
+                                   t["write_offsets"], t["block_tables"], t["context_lens"],
                                    self.key_positions[:attended], self.cos, self.sin, self.cache)
-        return sample(logits, **x.sampling.to(self.device.torch_device), **self.sampler_indices)
+        return self._sample(logits, t)
 
     def prefill(self, inputs: PrefillInputs) -> np.ndarray:
         """Runs one prefill graph; returns sampled rows [max_prefill_seqs, ...] (`sampler.sample`)."""
-        return self._run(self._prefill, inputs, "prefill tokens=%d context_blocks=%d" % inputs.graph)
+        return self._run("prefill", inputs, "prefill tokens=%d context_blocks=%d" % inputs.graph)
 
     def decode(self, inputs: DecodeInputs) -> np.ndarray:
         """Runs one decode graph; returns sampled rows [batch bucket, ...]."""
-        return self._run(self._decode, inputs, "decode batch=%d blocks=%d" % inputs.graph)
+        return self._run("decode", inputs, "decode batch=%d blocks=%d" % inputs.graph)
 
-    def _run(self, trace, inputs, what: str) -> np.ndarray:
+    def _run(self, kind: str, inputs: PrefillInputs | DecodeInputs, what: str) -> np.ndarray:
         with self.guard.step(what):
-            out = trace(inputs)
+            return self._execute(kind, inputs).cpu().numpy()
+
+    def _execute(self, kind: str, x: PrefillInputs | DecodeInputs) -> torch.Tensor:
+        """Runs the step's graph, capturing it first if it never ran (the first call of a
+        graph is its compilation: `_compile`, or a step that escaped the buckets, which the
+        compile guard reports). Returns the graph's output, on the device."""
+        trace = self._prefill if kind == "prefill" else self._decode
+        tensors = self._device_inputs(x)
+        if not self.device.is_xla:  # eager: tracing is running
+            out = trace(tensors)
             self.device.sync()
-            return out.cpu().numpy()
+            return out
+        graph = self._graphs.get((kind, x.graph))
+        if graph is None:
+            graph = self._graphs[kind, x.graph] = ReplayedGraph.capture(trace, tensors,
+                                                                        self.cache.tensors)
+        out, state = graph.run(tensors, self.cache.tensors)
+        self.cache.replace(state)
+        return out
 
     def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
         return self.plans[kind].fit(need)
@@ -161,14 +192,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         if kind == "prefill":
             inputs = PrefillInputs.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
-            trace = self._prefill
         else:
             inputs = DecodeInputs.padding(*graph, self.shapes, self.vocab_size)
-            trace = self._decode
         with self.guard.compiling():
-            out = trace(inputs)  # kept and read back, as a step does: else the graph differs
-            self.device.sync()
-            out.cpu()
+            self._execute(kind, inputs).cpu()  # captured, then run once as a step runs it
         self.plans[kind].mark_compiled(graph)
         self.compile_seconds[kind, graph] = seconds = time.perf_counter() - t0
         log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph, seconds,
