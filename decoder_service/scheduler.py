@@ -8,11 +8,13 @@ the token budget (`max_num_batched_tokens` less the decode tokens, and at most
 steps and running sequences never wait longer than one capped chunk; a step with
 nothing decoding spends the whole budget on prompts. Chunks go first to prompts
 already started, in admission order, then to waiting requests (first come, first
-served), each of which first takes its longest cached prefix. A prompt is admitted
-only when the pool can hold all of its blocks. When a decoding sequence needs a
-block and the pool is empty, the newest running sequence is preempted: its blocks
-are released (they stay cached) and it waits at the head of the queue to be
-computed again.
+served), each of which first takes its longest cached prefix. A waiting prompt whose
+next blocks a running prompt is still computing (the same image sent twice at once) is
+passed over until they are computed and cached, so the image is prefilled once; those
+behind it are admitted meanwhile. A prompt is admitted only when the pool can hold all
+of its blocks. When a decoding sequence needs a block and the pool is empty, the newest
+running sequence is preempted: its blocks are released (they stay cached) and it waits
+at the head of the queue to be computed again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Scheduler:
         self.chunk_tokens_while_decoding = chunk_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        # Hashes of prompt blocks that running prompts have yet to compute, and whose they are.
+        self._computing: dict[bytes, Sequence] = {}
         self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -82,9 +86,13 @@ class Scheduler:
             chunks.append(chunk)
             context_blocks += self._context_blocks(chunk)
             budget -= chunk.num_tokens
+        passed_over: list[Sequence] = []
         while (self.waiting and budget > 0 and len(chunks) < self.shapes.max_prefill_seqs
                and len(self.running) < self.shapes.max_num_seqs):
             seq = self.waiting[0]
+            if self._prefix_in_progress(seq):
+                passed_over.append(self.waiting.popleft())
+                continue
             chunk = self._admit(seq, budget, self.shapes.max_blocks_per_seq - context_blocks)
             if chunk is None:
                 break  # the head waits (for blocks, or for a step with room); the rest behind it
@@ -94,6 +102,7 @@ class Scheduler:
             chunks.append(chunk)
             context_blocks += self._context_blocks(chunk)
             budget -= chunk.num_tokens
+        self.waiting.extendleft(reversed(passed_over))  # they keep their places
         if not decodes and not chunks:
             return None
         return ScheduledStep(decodes, chunks)
@@ -126,12 +135,26 @@ class Scheduler:
                 decodes.append(seq)
         return [s for s in decodes if s.status is SeqStatus.RUNNING]
 
+    def _reusable_hashes(self, seq: Sequence) -> list[bytes]:
+        """Hashes of `seq`'s full blocks before its last token, which is always computed (its
+        logits give the next token)."""
+        bs = self.shapes.block_size
+        return extend_block_hashes(seq, bs, (seq.num_tokens - 1) // bs)
+
+    def _prefix_in_progress(self, seq: Sequence) -> bool:
+        """The block after `seq`'s cached prefix is one a running prompt is computing now."""
+        if not self._computing:
+            return False
+        hashes = self._reusable_hashes(seq)
+        matched = len(self.blocks.match_prefix(hashes))
+        return matched < len(hashes) and hashes[matched] in self._computing
+
     def _admit(self, seq: Sequence, budget: int, context_room: int) -> Chunk | None:
         """Gives `seq` its cached prefix and blocks for every known token, and its first chunk,
         if the pool has the blocks and the step has room for the chunk's context."""
         bs = self.shapes.block_size
-        reusable = (seq.num_tokens - 1) // bs  # the last token is always computed: its logits
-        cached = self.blocks.match_prefix(extend_block_hashes(seq, bs, reusable))
+        hashes = self._reusable_hashes(seq)
+        cached = self.blocks.match_prefix(hashes)
         start = len(cached) * bs
         end = min(seq.num_tokens, start + budget)
         new_blocks = -(-seq.num_tokens // bs) - len(cached)
@@ -141,6 +164,9 @@ class Scheduler:
         self.blocks.acquire(cached, seq.num_tokens)
         seq.block_table = cached + self.blocks.allocate(new_blocks)
         seq.num_computed = start
+        if self.blocks.enable_prefix_caching:
+            for h in hashes[len(cached):]:
+                self._computing.setdefault(h, seq)
         return Chunk(seq, start, end)
 
     def advance(self, seq: Sequence, num_computed: int) -> None:
@@ -152,6 +178,7 @@ class Scheduler:
         if last > first and self.blocks.enable_prefix_caching:
             hashes = extend_block_hashes(seq, bs, last)
             self.blocks.register(seq.block_table[first:last], hashes[first:last])
+            self._stop_computing(seq, hashes[first:last])
 
     def _chunk(self, seq: Sequence, budget: int) -> Chunk:
         return Chunk(seq, seq.num_computed, min(seq.num_tokens, seq.num_computed + budget))
@@ -166,7 +193,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def _stop_computing(self, seq: Sequence, hashes: list[bytes]) -> None:
+        for h in hashes:
+            if self._computing.get(h) is seq:
+                del self._computing[h]
+
     def _release(self, seq: Sequence) -> None:
+        self._stop_computing(seq, seq.block_hashes)
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0

@@ -329,6 +329,23 @@ def test_a_repeated_image_prefix_is_reused_and_a_different_image_is_not():
     assert blocks.hit_tokens == 16 + 32  # both of q1's full blocks (40 tokens: the last recomputed)
 
 
+def test_an_image_sent_twice_at_once_is_prefilled_once():
+    engine, _ = _engine(kv_cache_bytes=2**20)  # a 64-token step, no cap: room for all three
+    values = {"cat": 100, "dog": 200}
+    first, first_values = _image_seq("q1", [101] * 4, ["cat"], [11] * 20, value_of=values)
+    second, second_values = _image_seq("q2", [101] * 4, ["cat"], [12] * 20, value_of=values)
+    other, other_values = _image_seq("q3", [101] * 4, ["dog"], [11] * 20, value_of=values)
+    outs = [_submit(engine, seq) for seq in (first, second, other)]
+    engine.step()
+    scheduler = engine.scheduler
+    # q2 waits for q1's block of the cat image; q3, behind it, is not held up.
+    assert scheduler.running == [first, other] and list(scheduler.waiting) == [second]
+    _run(engine)
+    for out, values_ in zip(outs, (first_values, second_values, other_values)):
+        assert _tokens(out) == expected_tokens(values_, 8)
+    assert scheduler.blocks.hit_tokens == 16  # q2 took block 0 (4 text + 12 image) from q1
+
+
 def test_a_full_pool_makes_work_wait_or_preempts_and_outputs_stay_exact():
     # 17 usable blocks of 16 tokens: one sequence of 256 fits, four of ~100 do not.
     engine, runner = _engine(kv_cache_bytes=TINY_KV.block_bytes(16) * 18, max_num_batched_tokens=64)
