@@ -42,7 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
     decoder = {k: v for k, v in (("max_model_len", args.max_model_len),
                                  ("max_num_seqs", args.max_num_seqs),
                                  ("kv_cache_bytes", args.kv_cache_bytes),
-                                 ("max_num_batched_tokens", args.max_num_batched_tokens))
+                                 ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                 ("max_chunk_tokens_while_decoding",
+                                  args.max_chunk_tokens_while_decoding))
                if v is not None}
     if args.no_prefix_caching:
         decoder["enable_prefix_caching"] = False
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "default 256MiB)")
     serve.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens per engine step: decodes plus prefill chunks (default 256)")
+    serve.add_argument("--max-chunk-tokens-while-decoding", type=int,
+                       help="prefill tokens a step may carry while anything decodes: the longest "
+                            "a chunk stalls the running streams (default half the step's tokens)")
     serve.add_argument("--no-prefix-caching", action="store_true",
                        help="never reuse KV blocks across requests")
     serve.add_argument("--encoder-cpu-priority", choices=CPU_PRIORITIES,

@@ -18,12 +18,15 @@ def test_sizes_parse_with_binary_and_decimal_units():
 
 def test_decoder_flags_parse():
     args = build_parser().parse_args(["serve", "--kv-cache-bytes", "64MiB", "--max-num-batched-tokens",
-                                      "512", "--no-prefix-caching", "--full-warmup",
+                                      "512", "--max-chunk-tokens-while-decoding", "64",
+                                      "--no-prefix-caching", "--full-warmup",
                                       "--encoder-cpu-priority", "idle"])
     assert args.kv_cache_bytes == 64 * 2**20 and args.max_num_batched_tokens == 512
+    assert args.max_chunk_tokens_while_decoding == 64
     assert args.no_prefix_caching and args.full_warmup and args.encoder_cpu_priority == "idle"
     defaults = build_parser().parse_args(["serve"])
     assert defaults.kv_cache_bytes is None and not defaults.no_prefix_caching
+    assert defaults.max_chunk_tokens_while_decoding is None  # DecoderConfig's default decides
     assert defaults.encoder_cpu_priority is None  # EncoderConfig's default decides
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--encoder-cpu-priority", "low"])
