@@ -90,10 +90,14 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(chunks) < self.shapes.max_prefill_seqs
                and len(self.running) < self.shapes.max_num_seqs):
             seq = self.waiting[0]
-            if self._prefix_in_progress(seq):
+            hashes = self._reusable_hashes(seq)
+            cached = self.blocks.match_prefix(hashes)
+            if len(cached) < len(hashes) and hashes[len(cached)] in self._computing:
+                # Its next block is being computed by a running prompt: wait, then take it.
                 passed_over.append(self.waiting.popleft())
                 continue
-            chunk = self._admit(seq, budget, self.shapes.max_blocks_per_seq - context_blocks)
+            chunk = self._admit(seq, hashes, cached, budget,
+                                self.shapes.max_blocks_per_seq - context_blocks)
             if chunk is None:
                 break  # the head waits (for blocks, or for a step with room); the rest behind it
             self.waiting.popleft()
@@ -141,20 +145,12 @@ class Scheduler:
         bs = self.shapes.block_size
         return extend_block_hashes(seq, bs, (seq.num_tokens - 1) // bs)
 
-    def _prefix_in_progress(self, seq: Sequence) -> bool:
-        """The block after `seq`'s cached prefix is one a running prompt is computing now."""
-        if not self._computing:
-            return False
-        hashes = self._reusable_hashes(seq)
-        matched = len(self.blocks.match_prefix(hashes))
-        return matched < len(hashes) and hashes[matched] in self._computing
-
-    def _admit(self, seq: Sequence, budget: int, context_room: int) -> Chunk | None:
-        """Gives `seq` its cached prefix and blocks for every known token, and its first chunk,
-        if the pool has the blocks and the step has room for the chunk's context."""
+    def _admit(self, seq: Sequence, hashes: list[bytes], cached: list[int], budget: int,
+               context_room: int) -> Chunk | None:
+        """Gives `seq` its cached prefix (`cached`, the blocks matching the start of its
+        reusable `hashes`) and blocks for every known token, and its first chunk, if the pool
+        has the blocks and the step has room for the chunk's context."""
         bs = self.shapes.block_size
-        hashes = self._reusable_hashes(seq)
-        cached = self.blocks.match_prefix(hashes)
         start = len(cached) * bs
         end = min(seq.num_tokens, start + budget)
         new_blocks = -(-seq.num_tokens // bs) - len(cached)
