@@ -103,13 +103,17 @@ def reference_llava(tiny_checkpoint):
 
 
 def _decoder(checkpoint, **overrides):
+    """A session-long decoder, every graph compiled before it is handed out: one still compiling
+    in the background (as a served replica does) would add to the process-wide compile count
+    that later modules check (the encoder's tests) whenever it found the host idle."""
     from decoder_service.config import DecoderConfig
     from decoder_service.service import DecoderService
     from runtime.object_store import LocalObjectStore
 
     return DecoderService(DecoderConfig(model=str(checkpoint), **{
         "max_model_len": 256, "max_num_seqs": 4, "max_images_per_request": 4,
-        "max_num_batched_tokens": 64, "strict_compile": True, **overrides}), LocalObjectStore())
+        "max_num_batched_tokens": 64, "strict_compile": True, "full_warmup": True, **overrides}),
+        LocalObjectStore())
 
 
 @pytest.fixture(scope="session")
