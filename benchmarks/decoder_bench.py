@@ -7,6 +7,11 @@ It drives the model runner directly (no scheduler), one graph per measured shape
 the first call of a shape compiles it and is reported separately. Prefill is measured
 at the step budget's chunk sizes (128 and 256 tokens, the latter with one image).
 
+`--mixed` instead measures a step that decodes a full batch (16 sequences of `--context`
+tokens) and prefills one chunk (32, 64, 128 tokens, the end of a prompt of `--context`
+tokens): its two graphs (decode, then prefill) against one mixed graph, alternated, and
+checks both sample the same tokens.
+
 `--grammar` instead measures what structured outputs cost: decode tokens/s at batch 16
 over `--grammar-steps` steps, with every row under a JSON schema (host: xgrammar fills
 each row's bitmask, then accepts the sampled token) against the same loop with none
@@ -30,7 +35,14 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 from benchmarks.common import copy_bandwidth_gbps, machine, machine_line  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
-from decoder_service.inputs import build_decode, build_prefill, decode_need, prefill_need  # noqa: E402
+from decoder_service.inputs import (  # noqa: E402
+    build_decode,
+    build_mixed,
+    build_prefill,
+    decode_need,
+    mixed_need,
+    prefill_need,
+)
 from decoder_service.sampler import unpack  # noqa: E402
 from decoder_service.runner import ModelRunner  # noqa: E402
 from decoder_service.scheduler import Chunk  # noqa: E402
@@ -74,6 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grammar", action="store_true", help="the JSON-schema bitmask's cost")
+    parser.add_argument("--mixed", action="store_true", help="two graphs vs one for a mixed step")
     parser.add_argument("--grammar-steps", type=int, default=24)
     args = parser.parse_args()
 
@@ -95,6 +108,9 @@ def main() -> None:
     if args.grammar:
         print(grammar_report(grammar_decode(runner, checkpoint, device, args.grammar_steps, rng),
                              results))
+        return
+    if args.mixed:
+        print(mixed_report(mixed_steps(runner, rng, args.context, args.repeats), results))
         return
     for batch in (1, 4, 16):
         seqs, next_block = [], 1
@@ -201,6 +217,60 @@ def grammar_report(rates: dict, r: dict) -> str:
             f"({rates['json_schema'] / rates['none']:.2f}x; best of two runs each); host inputs + "
             f"token accept per step: {rates['json_schema_host_ms']:.2f} ms with the schema, "
             f"{rates['none_host_ms']:.2f} ms without")
+
+
+def mixed_steps(runner, rng, context: int, repeats: int, batch: int = 16) -> list[dict]:
+    """Per chunk size: ms of the decode + prefill graphs and of the mixed graph, same step."""
+    shapes, bs = runner.shapes, runner.shapes.block_size
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    seqs, next_block = [], 1
+    for i in range(batch):
+        seq = Sequence(f"d{i}", rng.integers(1000, 20000, size=context + i).tolist(), greedy, seed=i)
+        seq.block_table = list(range(next_block, next_block + -(-(context + i) // bs)))
+        next_block += len(seq.block_table)
+        seqs.append(seq)
+    out = []
+    for tokens in (32, 64, 128):
+        prompt = Sequence("p", rng.integers(1000, 20000, size=context).tolist(), greedy, seed=0)
+        prompt.block_table = list(range(next_block, next_block + -(-context // bs)))
+        chunks = [Chunk(prompt, context - tokens, context)]
+        decode_graph, prefill_graph, mixed_graph = (
+            tuple(pad_to_bucket(n, b) for n, b in zip(need, buckets)) for need, buckets in (
+                (decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.decode_block_buckets)),
+                (prefill_need(chunks, shapes), (shapes.chunk_buckets, shapes.block_buckets)),
+                (mixed_need(seqs, chunks, shapes), (shapes.mixed_chunk_buckets, shapes.mixed_block_buckets))))
+        decode = build_decode(seqs, shapes, graph=decode_graph, vocab_size=runner.vocab_size)
+        prefill = build_prefill(chunks, shapes, graph=prefill_graph, hidden_size=runner.hidden_size,
+                                vocab_size=runner.vocab_size)
+        mixed = build_mixed(seqs, chunks, shapes, graph=mixed_graph, hidden_size=runner.hidden_size,
+                            vocab_size=runner.vocab_size)
+        runner.decode(decode), runner.prefill(prefill), runner.mixed(mixed)  # the first call compiles
+        two, one, same = [], [], True
+        for _ in range(repeats):  # alternated: drift on a shared machine
+            t0 = time.perf_counter()
+            apart = unpack(runner.decode(decode), batch) + unpack(runner.prefill(prefill), 1)
+            two.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            decoded, prefilled = runner.mixed(mixed)
+            one.append(time.perf_counter() - t0)
+            together = unpack(decoded, batch) + unpack(prefilled, 1)
+            same &= [a.token_id for a in apart] == [b.token_id for b in together]
+        out.append({"chunk_tokens": tokens, "decode_graph": decode_graph, "prefill_graph": prefill_graph,
+                    "mixed_graph": mixed_graph, "two_graphs_ms": statistics.median(two) * 1e3,
+                    "mixed_graph_ms": statistics.median(one) * 1e3, "same_tokens": same})
+    return out
+
+
+def mixed_report(rows: list[dict], r: dict) -> str:
+    lines = [f"decoder, {r['size']} checkpoint, {r['device']}; {r['machine']}",
+             "a step decoding 16 sequences and prefilling one chunk (medians, alternated):", "",
+             "| chunk tokens | decode + prefill graphs | ms | mixed graph | ms | same tokens |",
+             "|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['chunk_tokens']} | {x['decode_graph']} + {x['prefill_graph']} | "
+                     f"{x['two_graphs_ms']:.1f} | {x['mixed_graph']} | {x['mixed_graph_ms']:.1f} | "
+                     f"{x['same_tokens']} |")
+    return "\n".join(lines)
 
 
 def report(r: dict) -> str:

@@ -2,7 +2,9 @@
 
 Threads: `start()` launches one engine thread that loops `schedule() -> run ->
 postprocess`. Each step runs the decode graph over every decoding sequence, hands
-their tokens out, then runs the prefill graph over the step's chunks. Any other
+their tokens out, then runs the prefill graph over the step's chunks; a step with a
+full decode batch and chunks runs both on one mixed graph when one is compiled that
+fits (`ModelRunner.mixed_graph_for`), the same tokens for one call's cost. Any other
 thread (the replica's asyncio loop) may call `submit` and `abort`; both only post
 a command on a queue and wake the engine thread, which applies it between steps,
 so a new request joins, and an aborted one frees its blocks, at the next step.
@@ -36,9 +38,11 @@ from dataclasses import dataclass
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.inputs import (
     build_decode,
+    build_mixed,
     build_prefill,
     decode_need,
     decodes_as_chunks,
+    mixed_need,
     prefill_need,
 )
 from decoder_service.sampler import SampledRow, unpack
@@ -82,7 +86,8 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = {"prefill": 0, "decode": 0, "mixed": 0}  # mixed: both graphs in one step
+        # mixed: steps that decode and prefill; fused: those of them run on one mixed graph
+        self.steps = {"prefill": 0, "decode": 0, "mixed": 0, "fused": 0}
         self.decode_steps_on_prefill = 0  # decode steps run on the prefill graph (none compiled)
         self.tokens_generated = 0
         self.prompt_tokens = 0  # prompt (and recomputed) tokens run through prefill
@@ -121,7 +126,7 @@ class Engine:
                 "preemptions": self.scheduler.preemptions, "step_errors": self.step_errors,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
-                "mixed_steps": self.steps["mixed"],
+                "mixed_steps": self.steps["mixed"], "fused_steps": self.steps["fused"],
                 "decode_steps_on_prefill_graph": self.decode_steps_on_prefill,
                 "graphs_compiled": self.runner.graphs_compiled,
                 "graphs_planned": self.runner.graphs_planned,
@@ -192,11 +197,31 @@ class Engine:
         step = self.scheduler.schedule()
         if step is None:
             return False
-        if step.decodes:
-            self._run_decodes(step.decodes)
-        if step.chunks:
-            self._run_chunks(step.chunks)
+        if not (step.decodes and step.chunks and self._run_fused(step.decodes, step.chunks)):
+            if step.decodes:
+                self._run_decodes(step.decodes)
+            if step.chunks:
+                self._run_chunks(step.chunks)
         self.steps["mixed"] += bool(step.decodes and step.chunks)
+        return True
+
+    def _run_fused(self, seqs: list[Sequence], chunks: list[Chunk]) -> bool:
+        """Runs a step's decodes and chunks on one mixed graph; False (nothing run) when no
+        compiled one fits."""
+        r = self.runner
+        graph = r.mixed_graph_for(len(seqs), mixed_need(seqs, chunks, r.shapes)) if r.can_decode else None
+        if graph is None:
+            return False
+        self.prompt_tokens += sum(c.num_tokens for c in chunks)
+
+        def compute() -> list[SampledRow]:
+            inputs = build_mixed(seqs, chunks, r.shapes, graph=graph, hidden_size=r.hidden_size,
+                                 vocab_size=r.vocab_size)
+            decoded, prefilled = r.mixed(inputs)
+            return unpack(decoded, len(seqs)) + unpack(prefilled, len(chunks))
+        self._run("fused", [*seqs, *(c.seq for c in chunks)], compute,
+                  [*(s.num_tokens for s in seqs), *(c.end for c in chunks)],
+                  sampled=[*(True for _ in seqs), *(c.completes for c in chunks)])
         return True
 
     def _run_decodes(self, seqs: list[Sequence]) -> None:

@@ -80,6 +80,26 @@ class PrefillInputs:
                    SamplingRows.padding(shapes.max_prefill_seqs, vocab_size, shapes.max_model_len))
 
 
+@dataclass(frozen=True)
+class MixedInputs:
+    """A mixed step: `mixed_batch` decode rows, then the chunks' tokens, in one graph. Both
+    halves attend over the same blocks bucket: the decodes' tables are [B, K], the chunks'
+    context is [K]."""
+
+    decode: DecodeInputs
+    prefill: PrefillInputs
+
+    @property
+    def graph(self) -> tuple[int, int]:
+        return self.prefill.graph
+
+    @classmethod
+    def padding(cls, tokens: int, blocks: int, shapes: DecoderShapes, hidden_size: int,
+                vocab_size: int) -> MixedInputs:
+        return cls(DecodeInputs.padding(shapes.mixed_batch, blocks, shapes, vocab_size),
+                   PrefillInputs.padding(tokens, blocks, shapes, hidden_size, vocab_size))
+
+
 def _set_sampling(rows: SamplingRows, i: int, seq: Sequence, vocab_size: int) -> None:
     p = seq.sampling
     rows.set_row(i, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or vocab_size,
@@ -106,6 +126,13 @@ def prefill_need(chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
     """(chunk tokens, context blocks): the least graph a prefill step fits."""
     return (sum(c.num_tokens for c in chunks),
             sum(-(-c.end // shapes.block_size) for c in chunks))
+
+
+def mixed_need(seqs: list[Sequence], chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
+    """(chunk tokens, KV blocks): the least mixed graph a step fits; the blocks bucket holds
+    both the longest decode context and the chunks' context."""
+    tokens, blocks = prefill_need(chunks, shapes)
+    return tokens, max(blocks, decode_need(seqs, shapes)[1])
 
 
 def decodes_as_chunks(seqs: list[Sequence], shapes: DecoderShapes,
@@ -186,3 +213,13 @@ def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, graph: tuple[in
         offset += n
         block_offset += used
     return x
+
+
+def build_mixed(seqs: list[Sequence], chunks: list[Chunk], shapes: DecoderShapes, *,
+                graph: tuple[int, int], hidden_size: int, vocab_size: int) -> MixedInputs:
+    """`graph`: (tokens, blocks), at least `mixed_need`; at most `mixed_batch` decodes."""
+    if len(seqs) > shapes.mixed_batch:
+        raise ValueError(f"a mixed step holds at most {shapes.mixed_batch} decodes, got {len(seqs)}")
+    return MixedInputs(
+        build_decode(seqs, shapes, graph=(shapes.mixed_batch, graph[1]), vocab_size=vocab_size),
+        build_prefill(chunks, shapes, graph=graph, hidden_size=hidden_size, vocab_size=vocab_size))

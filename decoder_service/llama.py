@@ -1,12 +1,14 @@
 """The Llama text model of a LLaVA checkpoint, in plain torch, shaped for XLA.
 
-Two entry points, each traced into one graph per bucket pair:
+Three entry points, each traced into one graph per bucket pair:
 - `prefill`: chunks of several prompts packed as `[C]` tokens; their keys and values
   are written to the paged cache, then every token attends over the step's context
   blocks `[K]` (the prompts' blocks, one after another), masked to its own prompt
   and to earlier positions. A chunk thus sees its cached prefix and earlier chunks.
 - `decode`: one token for each of `[B]` sequences, attending over its block table
   `[B, M]`, masked to its context length.
+- `mixed`: both in one pass, for a step that decodes a full batch and also prefills:
+  the B + C rows go through each weight once; only attention is split in two.
 Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
 so greedy tokens match `LlavaForConditionalGeneration.generate`.
@@ -15,6 +17,7 @@ so greedy tokens match `LlavaForConditionalGeneration.generate`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+class ChunkRows(NamedTuple):
+    """Prompt chunks packed as C rows (device tensors)."""
+
+    embeds: torch.Tensor  # [C, hidden], images already merged
+    positions: torch.Tensor  # [C]
+    write_blocks: torch.Tensor  # [C]
+    write_offsets: torch.Tensor  # [C]
+    query_seq: torch.Tensor  # [C]: which prompt of the step a token belongs to
+    context_blocks: torch.Tensor  # [K]: the prompts' blocks, one after another
+    key_seq: torch.Tensor  # [K * block_size]
+    key_positions: torch.Tensor  # [K * block_size]: a key's position in its prompt
+    last_index: torch.Tensor  # [P]: each prompt's last row in the chunk
+
+    def mask(self) -> torch.Tensor:
+        """[C, K * block_size]: a token sees its own prompt's keys up to its position."""
+        return ((self.key_seq[None, :] == self.query_seq[:, None])
+                & (self.key_positions[None, :] <= self.positions[:, None]))
+
+
+class DecodeRows(NamedTuple):
+    """One token for each of B sequences (device tensors)."""
+
+    token_ids: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B]
+    write_blocks: torch.Tensor  # [B]
+    write_offsets: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, M]
+    context_lens: torch.Tensor  # [B]
+    key_positions: torch.Tensor  # [M * block_size]: 0..A-1
+
+    def allowed(self, num_kv_heads: int) -> torch.Tensor:
+        """[kv * B, 1, A]: a sequence sees its keys below its context length."""
+        b = self.token_ids.shape[0]
+        allowed = self.key_positions[None, :] < self.context_lens[:, None]  # [B, A]
+        return allowed[None, :, None, :].expand(num_kv_heads, b, 1, -1).reshape(num_kv_heads * b, 1, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -90,20 +130,18 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def _qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def prefill(self, x, cos, sin, mask, cache: PagedKVCache, layer: int, write_blocks,
-                write_offsets, context_blocks):
-        # x: [C, hidden]; mask: [C, K * block_size] bool, True where query t may attend key s
-        q, k, v = self._qkv(x, cos, sin)
-        cache.write(layer, write_blocks, write_offsets, k, v)
+    def attend_chunks(self, q, mask, cache: PagedKVCache, layer: int, context_blocks):
+        """Packed prompt chunks. q: [C, heads, D]; mask: [C, K * block_size] bool, True where
+        query t may attend key s. Returns [C, heads * D]."""
         keys, values = cache.gather(layer, context_blocks)  # [kv, S, D], S = K * block_size
-        t, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        t, kv, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
         s = keys.shape[1]
         # One batch dim (kv_heads); a group's queries share their K/V head, so they stack as
         # rows (GQA without materialising repeated K/V).
@@ -112,14 +150,12 @@ class Attention(nn.Module):
         scores = scores.view(kv, group, t, s).masked_fill(~mask, torch.finfo(torch.float32).min)
         probs = scores.softmax(dim=-1).to(values.dtype).view(kv, group * t, s)
         out = torch.bmm(probs, values).view(kv, group, t, self.head_dim)  # [kv, G, C, D]
-        return self.o_proj(out.permute(2, 0, 1, 3).reshape(t, -1))
+        return out.permute(2, 0, 1, 3).reshape(t, -1)
 
-    def decode(self, x, cos, sin, allowed, cache: PagedKVCache, layer: int, write_blocks,
-               write_offsets, block_tables):
-        # x: [B, hidden]; block_tables: [B, M]; allowed: [kv * B, 1, M * block_size] bool
-        q, k, v = self._qkv(x, cos, sin)
-        cache.write(layer, write_blocks, write_offsets, k, v)
-        b, kv, group = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
+    def attend_decodes(self, q, allowed, cache: PagedKVCache, layer: int, block_tables):
+        """One token per sequence. q: [B, heads, D]; block_tables: [B, M]; allowed:
+        [kv * B, 1, M * block_size] bool. Returns [B, heads * D]."""
+        b, kv, group = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads
         keys, values = cache.gather(layer, block_tables.reshape(-1))  # [kv, B * A, D]
         # One batch dim (kv_heads * B) for both products: XLA:CPU runs such a bmm ~1.5-2x
         # faster than the two-batch-dim einsum; on TPU both lower to the same dot.
@@ -128,7 +164,7 @@ class Attention(nn.Module):
         scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # [kv*B, G, A]
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
         out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [kv*B, G, D]
-        return self.o_proj(out.view(kv, b, -1).transpose(0, 1).reshape(b, -1))
+        return out.view(kv, b, -1).transpose(0, 1).reshape(b, -1)
 
 
 class MLP(nn.Module):
@@ -171,32 +207,50 @@ class LlamaTextModel(nn.Module):
         self.head_dim = self.layers[0].self_attn.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
 
-    def prefill(self, embeds, positions, write_blocks, write_offsets, query_seq, context_blocks,
-                key_seq, key_positions, last_index, cos_table, sin_table,
-                cache: PagedKVCache) -> torch.Tensor:
-        """embeds: [C, hidden] (images already merged); returns logits [P, vocab] of the
-        tokens at `last_index` [P]."""
-        cos, sin = cos_table[positions], sin_table[positions]
-        mask = (key_seq[None, :] == query_seq[:, None]) & (key_positions[None, :] <= positions[:, None])
-        h = embeds
-        for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn.prefill(layer.input_layernorm(h), cos, sin, mask, cache, i,
-                                            write_blocks, write_offsets, context_blocks)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm_head(self.norm(h.index_select(0, last_index))).float()
+    def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
+        """Returns logits [P, vocab] of the tokens at `c.last_index` [P]."""
+        mask = c.mask()
+        h = self._layers(c.embeds, c.positions, c.write_blocks, c.write_offsets, cos_table,
+                         sin_table, cache,
+                         lambda attn, i, q: attn.attend_chunks(q, mask, cache, i, c.context_blocks))
+        return self.lm_head(self.norm(h.index_select(0, c.last_index))).float()
 
-    def decode(self, token_ids, positions, write_blocks, write_offsets, block_tables, context_lens,
-               key_positions, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
-        """token_ids, positions, context_lens: [B]; block_tables: [B, M]; key_positions:
-        [M * block_size], 0..A-1. Returns logits [B, vocab]."""
-        b = token_ids.shape[0]
-        cos, sin = cos_table[positions], sin_table[positions]
-        allowed = key_positions[None, :] < context_lens[:, None]  # [B, A]
-        allowed = allowed[None, :, None, :].expand(self.num_kv_heads, b, 1, -1).reshape(
-            self.num_kv_heads * b, 1, -1)
-        h = self.embed_tokens(token_ids)
-        for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, allowed, cache, i,
-                                           write_blocks, write_offsets, block_tables)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    def decode(self, d: DecodeRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
+        """Returns logits [B, vocab]."""
+        allowed = d.allowed(self.num_kv_heads)
+        h = self._layers(self.embed_tokens(d.token_ids), d.positions, d.write_blocks,
+                         d.write_offsets, cos_table, sin_table, cache,
+                         lambda attn, i, q: attn.attend_decodes(q, allowed, cache, i, d.block_tables))
         return self.lm_head(self.norm(h)).float()
+
+    def mixed(self, d: DecodeRows, c: ChunkRows, cos_table, sin_table,
+              cache: PagedKVCache) -> torch.Tensor:
+        """A decode batch and prompt chunks in one pass: their B + C rows share every weight
+        read (projections, MLP, head); only attention is split, each part over its own
+        blocks. Returns logits [B + P, vocab]: the decodes', then the chunks' last tokens'."""
+        b = d.token_ids.shape[0]
+        allowed, mask = d.allowed(self.num_kv_heads), c.mask()
+
+        def attend(attn: Attention, i: int, q: torch.Tensor) -> torch.Tensor:
+            return torch.cat((attn.attend_decodes(q[:b], allowed, cache, i, d.block_tables),
+                              attn.attend_chunks(q[b:], mask, cache, i, c.context_blocks)))
+        h = self._layers(torch.cat((self.embed_tokens(d.token_ids), c.embeds)),
+                         torch.cat((d.positions, c.positions)),
+                         torch.cat((d.write_blocks, c.write_blocks)),
+                         torch.cat((d.write_offsets, c.write_offsets)),
+                         cos_table, sin_table, cache, attend)
+        rows = torch.cat((h[:b], h[b:].index_select(0, c.last_index)))
+        return self.lm_head(self.norm(rows)).float()
+
+    def _layers(self, h, positions, write_blocks, write_offsets, cos_table, sin_table,
+                cache: PagedKVCache, attend) -> torch.Tensor:
+        """Runs every layer over rows `h` [N, hidden]: each writes its keys and values into the
+        cache, then `attend(attention, layer, q [N, heads, D])` -> [N, heads * D]."""
+        cos, sin = cos_table[positions], sin_table[positions]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
+            cache.write(i, write_blocks, write_offsets, k, v)
+            h = h + attn.o_proj(attend(attn, i, q))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h

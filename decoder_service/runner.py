@@ -9,8 +9,8 @@ Compile discipline (after vLLM's TPU model runner):
   (`runtime.graph_replay`): a step runs no model Python. Everything that varies between
   steps is one of the step's input arrays; the KV cache is the state each step updates
   in place (its buffers donated);
-- the graphs are the (chunk tokens, context blocks) prefill family and the (batch, blocks)
-  decode family of `DecoderShapes`. `warm_up` compiles one graph, the prefill family's
+- the graphs are the (chunk tokens, context blocks) prefill family, the (batch, blocks)
+  decode family and the (chunk tokens, blocks) mixed family of `DecoderShapes`. `warm_up` compiles one graph, the prefill family's
   covering one (the largest, which every chunk fits by padding up), so the replica can
   serve: until a decode graph exists, decodes run on it as one-token chunks
   (`inputs.decodes_as_chunks`). With `full=True` it compiles every graph before returning.
@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from decoder_service.config import DecoderConfig, DecoderShapes, KVGeometry, derive_shapes
-from decoder_service.inputs import DecodeInputs, PrefillInputs
+from decoder_service.inputs import DecodeInputs, MixedInputs, PrefillInputs
 from decoder_service.kv_cache import PagedKVCache
-from decoder_service.llama import LlamaTextModel, rotary_table
+from decoder_service.llama import ChunkRows, DecodeRows, LlamaTextModel, rotary_table
 from decoder_service.sampler import index_tensors, sample
+from runtime.buckets import pad_to_bucket
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
@@ -43,6 +44,8 @@ from runtime.graph_replay import ReplayedGraph
 from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
 
 log = logging.getLogger(__name__)
+
+StepInputs = PrefillInputs | DecodeInputs | MixedInputs
 
 
 def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaTextModel:
@@ -66,14 +69,27 @@ def kv_geometry(text_config, dtype: torch.dtype) -> KVGeometry:
 def next_to_compile(plans: dict[str, GraphPlan]) -> tuple[str, tuple[int, int]] | None:
     """(family, graph) to compile next, None when all are in: the decode family's covering
     graph first (it takes decodes off the prefill graph), then the decode family smallest
-    first (every running sequence uses it), then the prefill family smallest first."""
+    first (every running sequence uses it), then the prefill family smallest first, then
+    the mixed family (optional: a step without one runs two graphs)."""
     if not plans["decode"].compiled:
         return "decode", plans["decode"].covering
-    for kind in ("decode", "prefill"):
-        graph = plans[kind].next_pending()
+    for kind in ("decode", "prefill", "mixed"):
+        graph = plans[kind].next_pending() if kind in plans else None
         if graph is not None:
             return kind, graph
     return None
+
+
+def mixed_graph_for(plans: dict[str, GraphPlan], shapes: DecoderShapes, decodes: int,
+                    need: tuple[int, int]) -> tuple[int, int] | None:
+    """The compiled mixed graph for a step of `decodes` sequences and chunks needing `need`
+    (`inputs.mixed_need`), or None: no mixed family, a batch below the mixed graphs' bucket
+    (padding it up to a full batch would cost about what the second call saves), or none
+    compiled that fits."""
+    plan = plans.get("mixed")
+    if plan is None or pad_to_bucket(decodes, shapes.decode_batch_buckets) != shapes.mixed_batch:
+        return None
+    return plan.fitting(need)
 
 
 class ModelRunner:
@@ -107,39 +123,59 @@ class ModelRunner:
             device.sync()
         self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
                       "decode": GraphPlan(self.shapes.decode_graphs())}
+        if self.shapes.mixed_graphs():
+            self.plans["mixed"] = GraphPlan(self.shapes.mixed_graphs())
         self._graphs: dict[tuple[str, tuple[int, int]], ReplayedGraph] = {}  # xla: captured
         self.warmup_seconds = 0.0  # until ready: the covering graph (or all, with full=True)
         self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
 
-    def _device_inputs(self, x: PrefillInputs | DecodeInputs) -> dict[str, torch.Tensor]:
-        """A step's host arrays as device tensors, by field name (sampling rows' prefixed)."""
+    def _device_inputs(self, x: StepInputs, prefix: str = "") -> dict[str, torch.Tensor]:
+        """A step's host arrays as device tensors, by field name (sampling rows' prefixed;
+        a mixed step's halves prefixed `decode.` and `prefill.`)."""
+        if isinstance(x, MixedInputs):
+            return {**self._device_inputs(x.decode, "decode."),
+                    **self._device_inputs(x.prefill, "prefill.")}
         dev = self.device.torch_device
-        tensors = {f.name: torch.from_numpy(getattr(x, f.name)).to(dev)
+        tensors = {prefix + f.name: torch.from_numpy(getattr(x, f.name)).to(dev)
                    for f in fields(x) if f.name != "sampling"}
-        tensors.update({f"sampling.{name}": t for name, t in x.sampling.to(dev).items()})
+        tensors.update({f"{prefix}sampling.{name}": t for name, t in x.sampling.to(dev).items()})
         return tensors
 
-    def _sample(self, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = {name.removeprefix("sampling."): v for name, v in t.items()
-                if name.startswith("sampling.")}
-        return sample(logits, **rows, **self.sampler_indices)
+    @staticmethod
+    def _sampling_rows(t: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        start = prefix + "sampling."
+        return {name.removeprefix(start): v for name, v in t.items() if name.startswith(start)}
+
+    def _chunk_rows(self, t: dict[str, torch.Tensor], p: str = "") -> ChunkRows:
+        embeds = self.model.embed_tokens(t[p + "token_ids"])
+        embeds = torch.where(t[p + "is_image"][:, None], t[p + "image_rows"].to(embeds.dtype), embeds)
+        return ChunkRows(embeds, t[p + "positions"], t[p + "write_blocks"], t[p + "write_offsets"],
+                         t[p + "query_seq"], t[p + "context_blocks"], t[p + "key_seq"],
+                         t[p + "key_positions"], t[p + "last_index"])
+
+    def _decode_rows(self, t: dict[str, torch.Tensor], p: str = "") -> DecodeRows:
+        attended = t[p + "block_tables"].shape[1] * self.shapes.block_size
+        return DecodeRows(t[p + "token_ids"], t[p + "positions"], t[p + "write_blocks"],
+                          t[p + "write_offsets"], t[p + "block_tables"], t[p + "context_lens"],
+                          self.key_positions[:attended])
 
     @torch.no_grad()
     def _prefill(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeds = self.model.embed_tokens(t["token_ids"])
-        embeds = torch.where(t["is_image"][:, None], t["image_rows"].to(embeds.dtype), embeds)
-        logits = self.model.prefill(embeds, t["positions"], t["write_blocks"], t["write_offsets"],
-                                    t["query_seq"], t["context_blocks"], t["key_seq"],
-                                    t["key_positions"], t["last_index"], self.cos, self.sin, self.cache)
-        return self._sample(logits, t)
+        logits = self.model.prefill(self._chunk_rows(t), self.cos, self.sin, self.cache)
+        return sample(logits, **self._sampling_rows(t), **self.sampler_indices)
 
     @torch.no_grad()
     def _decode(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        attended = t["block_tables"].shape[1] * self.shapes.block_size
-        logits = self.model.decode(t["token_ids"], t["positions"], t["write_blocks"],
-                                   t["write_offsets"], t["block_tables"], t["context_lens"],
-                                   self.key_positions[:attended], self.cos, self.sin, self.cache)
-        return self._sample(logits, t)
+        logits = self.model.decode(self._decode_rows(t), self.cos, self.sin, self.cache)
+        return sample(logits, **self._sampling_rows(t), **self.sampler_indices)
+
+    @torch.no_grad()
+    def _mixed(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model.mixed(self._decode_rows(t, "decode."), self._chunk_rows(t, "prefill."),
+                                  self.cos, self.sin, self.cache)
+        decode, prefill = self._sampling_rows(t, "decode."), self._sampling_rows(t, "prefill.")
+        rows = {name: torch.cat((decode[name], prefill[name])) for name in decode}
+        return sample(logits, **rows, **self.sampler_indices)
 
     def prefill(self, inputs: PrefillInputs) -> np.ndarray:
         """Runs one prefill graph; returns sampled rows [max_prefill_seqs, ...] (`sampler.sample`)."""
@@ -149,15 +185,21 @@ class ModelRunner:
         """Runs one decode graph; returns sampled rows [batch bucket, ...]."""
         return self._run("decode", inputs, "decode batch=%d blocks=%d" % inputs.graph)
 
-    def _run(self, kind: str, inputs: PrefillInputs | DecodeInputs, what: str) -> np.ndarray:
+    def mixed(self, inputs: MixedInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Runs one mixed graph; returns the decodes' sampled rows [mixed_batch, ...] and the
+        chunks' [max_prefill_seqs, ...]."""
+        rows = self._run("mixed", inputs, "mixed tokens=%d blocks=%d" % inputs.graph)
+        return rows[:self.shapes.mixed_batch], rows[self.shapes.mixed_batch:]
+
+    def _run(self, kind: str, inputs: StepInputs, what: str) -> np.ndarray:
         with self.guard.step(what):
             return self._execute(kind, inputs).cpu().numpy()
 
-    def _execute(self, kind: str, x: PrefillInputs | DecodeInputs) -> torch.Tensor:
+    def _execute(self, kind: str, x: StepInputs) -> torch.Tensor:
         """Runs the step's graph, capturing it first if it never ran (the first call of a
         graph is its compilation: `_compile`, or a step that escaped the buckets, which the
         compile guard reports). Returns the graph's output, on the device."""
-        trace = self._prefill if kind == "prefill" else self._decode
+        trace = {"prefill": self._prefill, "decode": self._decode, "mixed": self._mixed}[kind]
         tensors = self._device_inputs(x)
         if not self.device.is_xla:  # eager: tracing is running
             out = trace(tensors)
@@ -173,6 +215,9 @@ class ModelRunner:
 
     def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
         return self.plans[kind].fit(need)
+
+    def mixed_graph_for(self, decodes: int, need: tuple[int, int]) -> tuple[int, int] | None:
+        return mixed_graph_for(self.plans, self.shapes, decodes, need)
 
     @property
     def can_decode(self) -> bool:
@@ -190,8 +235,9 @@ class ModelRunner:
     def _compile(self, kind: str, graph: tuple[int, int]) -> None:
         """Runs `graph` once on padding (its writes land in the null block), outside any step."""
         t0 = time.perf_counter()
-        if kind == "prefill":
-            inputs = PrefillInputs.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
+        if kind in ("prefill", "mixed"):
+            padding = PrefillInputs.padding if kind == "prefill" else MixedInputs.padding
+            inputs = padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
         else:
             inputs = DecodeInputs.padding(*graph, self.shapes, self.vocab_size)
         with self.guard.compiling():

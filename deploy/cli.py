@@ -48,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
                if v is not None}
     if args.no_prefix_caching:
         decoder["enable_prefix_caching"] = False
+    if args.no_mixed_graphs:
+        decoder["mixed_graphs"] = False
     if args.full_warmup:
         decoder["full_warmup"] = True
     encoder = {"cpu_priority": args.encoder_cpu_priority} if args.encoder_cpu_priority else {}
@@ -248,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "a chunk stalls the running streams (default half the step's tokens)")
     serve.add_argument("--no-prefix-caching", action="store_true",
                        help="never reuse KV blocks across requests")
+    serve.add_argument("--no-mixed-graphs", action="store_true",
+                       help="run a step that decodes and prefills as two graphs (fewer graphs to "
+                            "compile; by default a full batch and its chunks share one)")
     serve.add_argument("--encoder-cpu-priority", choices=CPU_PRIORITIES,
                        help="'idle': once warm, the encoder replicas compute only on CPU time the "
                        "decoder leaves (smoother streams, slower new images, where both share the "

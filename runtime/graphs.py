@@ -64,7 +64,11 @@ class GraphPlan:
 
     def fit(self, need: tuple[int, ...]) -> tuple[int, ...]:
         """The cheapest compiled graph at least as large as `need` in every dimension."""
-        for graph in self.compiled:
-            if all(g >= n for g, n in zip(graph, need)):
-                return graph
-        raise ValueError(f"no compiled graph fits {need} (compiled: {self.compiled})")
+        graph = self.fitting(need)
+        if graph is None:
+            raise ValueError(f"no compiled graph fits {need} (compiled: {self.compiled})")
+        return graph
+
+    def fitting(self, need: tuple[int, ...]) -> tuple[int, ...] | None:
+        """`fit`, or None when no compiled graph fits."""
+        return next((g for g in self.compiled if all(x >= n for x, n in zip(g, need))), None)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from decoder_service.config import DecoderShapes
-from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, PrefillInputs
-from decoder_service.runner import next_to_compile
+from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, MixedInputs, PrefillInputs
+from decoder_service.runner import mixed_graph_for, next_to_compile
 from runtime.compile_guard import RecompilationError
 from runtime.graphs import GraphPlan
 from runtime.messages import MAX_TOP_LOGPROBS
@@ -55,11 +55,13 @@ class FakeRunner:
         self.graphs: list[tuple[str, tuple[int, int]]] = []
         self.plans = {"decode": GraphPlan(shapes.decode_graphs()),
                       "prefill": GraphPlan(shapes.prefill_graphs())}
+        if shapes.mixed_graphs():
+            self.plans["mixed"] = GraphPlan(shapes.mixed_graphs())
         self.plans["prefill"].mark_compiled(self.plans["prefill"].covering)
         while all_warm and self.compile_next():  # all warm: steps run on exactly their buckets
             pass
         self.compile_seconds = {("prefill", self.plans["prefill"].covering): 0.0}
-        self.fail_next: str | None = None  # "decode" or "prefill": that call raises once
+        self.fail_next: str | None = None  # "decode", "prefill" or "mixed": that call raises once
         self.graphs_planned = sum(len(p.planned) for p in self.plans.values())
 
     @property
@@ -72,6 +74,9 @@ class FakeRunner:
 
     def graph_for(self, kind: str, need: tuple[int, int]) -> tuple[int, int]:
         return self.plans[kind].fit(need)
+
+    def mixed_graph_for(self, decodes: int, need: tuple[int, int]) -> tuple[int, int] | None:
+        return mixed_graph_for(self.plans, self.shapes, decodes, need)
 
     def compile_next(self) -> bool:
         pending = next_to_compile(self.plans)  # in the real runner's order
@@ -97,6 +102,19 @@ class FakeRunner:
 
     def decode(self, x: DecodeInputs) -> np.ndarray:
         self._check("decode", x.graph)
+        return self._decode(x)
+
+    def prefill(self, x: PrefillInputs) -> np.ndarray:
+        self._check("prefill", x.graph)
+        return self._prefill(x)
+
+    def mixed(self, x: MixedInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Both halves over one blocks bucket, as the real mixed graph runs them."""
+        self._check("mixed", x.graph)
+        assert x.decode.block_tables.shape == (self.shapes.mixed_batch, x.graph[1])
+        return self._decode(x.decode), self._prefill(x.prefill)
+
+    def _decode(self, x: DecodeInputs) -> np.ndarray:
         bs = self.shapes.block_size
         self.pool[x.write_blocks, x.write_offsets] = x.token_ids
         tokens = []
@@ -106,8 +124,7 @@ class FakeRunner:
         assert x.block_tables.shape[1] * bs >= x.context_lens.max()
         return self._rows(tokens)
 
-    def prefill(self, x: PrefillInputs) -> np.ndarray:
-        self._check("prefill", x.graph)
+    def _prefill(self, x: PrefillInputs) -> np.ndarray:
         values = np.where(x.is_image, x.image_rows[:, 0].astype(np.int64), x.token_ids)
         self.pool[x.write_blocks, x.write_offsets] = values
         keys = self.pool[x.context_blocks].reshape(-1)

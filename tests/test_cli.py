@@ -20,12 +20,14 @@ def test_decoder_flags_parse():
     args = build_parser().parse_args(["serve", "--kv-cache-bytes", "64MiB", "--max-num-batched-tokens",
                                       "512", "--max-chunk-tokens-while-decoding", "64",
                                       "--no-prefix-caching", "--full-warmup",
-                                      "--encoder-cpu-priority", "idle"])
+                                      "--encoder-cpu-priority", "idle", "--no-mixed-graphs"])
     assert args.kv_cache_bytes == 64 * 2**20 and args.max_num_batched_tokens == 512
     assert args.max_chunk_tokens_while_decoding == 64
     assert args.no_prefix_caching and args.full_warmup and args.encoder_cpu_priority == "idle"
+    assert args.no_mixed_graphs
     defaults = build_parser().parse_args(["serve"])
     assert defaults.kv_cache_bytes is None and not defaults.no_prefix_caching
+    assert not defaults.no_mixed_graphs
     assert defaults.max_chunk_tokens_while_decoding is None  # DecoderConfig's default decides
     assert defaults.encoder_cpu_priority is None  # EncoderConfig's default decides
     with pytest.raises(SystemExit):

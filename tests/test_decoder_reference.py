@@ -71,6 +71,7 @@ def test_greedy_tokens_match_transformers_generate(decoder_service, reference_ll
     assert compared > 150
     stats = decoder_service.stats()
     assert stats["mixed_steps"] > stats_before["mixed_steps"]  # chunks ran beside decodes
+    assert stats["fused_steps"] > stats_before["fused_steps"]  # some on one mixed graph
     assert decoder_service.runner.guard.compilations_after_warmup == 0
 
 
@@ -185,7 +186,7 @@ def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpo
         stats = service.stats()
         shapes = service.shapes
         assert stats["graphs_compiled"] == stats["graphs_planned"] == \
-            len(shapes.decode_graphs()) + len(shapes.prefill_graphs()) == 15
+            len(shapes.decode_graphs()) + len(shapes.prefill_graphs()) + len(shapes.mixed_graphs()) == 16
         assert runner.graph_for("decode", (1, 1)) == (1, 2)  # the smallest bucket of each
         assert runner.graph_for("prefill", (5, 1)) == (16, 2)
         _compare(service, cases, specs, noise=1)

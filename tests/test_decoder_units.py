@@ -51,18 +51,23 @@ def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence()
         DecoderConfig(model="x", max_num_seqs=8, max_num_batched_tokens=8)
 
 
-def _reachable_graphs(shapes):
+def _reachable_graphs(shapes, chunk_cap):
     """Every (kind, graph) a step can ask for: decode batches of 1..max_num_seqs sequences whose
     longest context is 1..max_model_len tokens; prefill steps of 1..max_chunk_tokens tokens whose
     prompts' context blocks (at least the chunk's own, at most one sequence's worth, which the
-    scheduler enforces) are anything between."""
+    scheduler enforces) are anything between; mixed steps: a full decode batch (its bucket is
+    the largest) beside 1..`chunk_cap` chunk tokens, the blocks bucket holding both."""
     bs, top = shapes.block_size, shapes.max_blocks_per_seq
     decode = {(pad_to_bucket(n, shapes.decode_batch_buckets),
                pad_to_bucket(k, shapes.decode_block_buckets))
               for n in range(1, shapes.max_num_seqs + 1) for k in range(1, top + 1)}
     prefill = {(pad_to_bucket(c, shapes.chunk_buckets), pad_to_bucket(k, shapes.block_buckets))
                for c in range(1, shapes.max_chunk_tokens + 1) for k in range(-(-c // bs), top + 1)}
-    return decode, prefill
+    fewest_decodes = shapes.decode_batch_buckets[-2] + 1 if len(shapes.decode_batch_buckets) > 1 else 1
+    most_tokens = min(chunk_cap, shapes.max_chunk_tokens - fewest_decodes)  # the scheduler's budget
+    mixed = {(pad_to_bucket(c, shapes.mixed_chunk_buckets), pad_to_bucket(k, shapes.mixed_block_buckets))
+             for c in range(1, most_tokens + 1) for k in range(-(-c // bs), top + 1)}
+    return decode, prefill, mixed
 
 
 @pytest.mark.parametrize("name, kv, overrides", [
@@ -77,10 +82,13 @@ def test_warm_up_covers_every_shape_the_runtime_can_produce(name, kv, overrides)
     # Images add no shape dimension: their rows ride in the chunk's token rows, so the
     # 576-token images of LLaVA-1.5 need no graphs of their own.
     shapes = _shapes(kv, max_position_embeddings=4096, **overrides)
-    decode, prefill = _reachable_graphs(shapes)
+    cap = DecoderConfig(model="unused", **overrides).chunk_tokens_while_decoding
+    decode, prefill, mixed = _reachable_graphs(shapes, cap)
     assert decode == set(shapes.decode_graphs()), name
     assert prefill == set(shapes.prefill_graphs()), name
-    print(f"{name}: {len(decode)} decode + {len(prefill)} prefill graphs")
+    assert mixed == set(shapes.mixed_graphs()) and shapes.mixed_batch == shapes.max_num_seqs, name
+    print(f"{name}: {len(decode)} decode + {len(prefill)} prefill + {len(mixed)} mixed graphs")
+    assert not _shapes(kv, max_position_embeddings=4096, mixed_graphs=False, **overrides).mixed_graphs()
 
 
 # --- block pool ----------------------------------------------------------------------------
@@ -236,6 +244,52 @@ def test_the_chunk_cap_while_decoding_defaults_to_half_the_budget():
         DecoderConfig(model="m", max_num_batched_tokens=256, max_chunk_tokens_while_decoding=300)
 
 
+def _full_batch_beside_a_long_prompt(**overrides):
+    """Three short requests decode (a full batch: 3 pads to the largest bucket, 4) while a
+    152-token prompt is chunked beside them; returns the outputs, runner and engine."""
+    engine, runner = _engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32, **overrides)
+    shorts = [_image_seq(f"s{i}", [101, 5 + i, 6], [], [7], per_image=16) for i in range(3)]
+    outs = [_submit(engine, seq) for seq, _ in shorts]
+    engine.step()  # the three prefilled together; they decode from the next step on
+    long, long_values = _image_seq("long", [101] * 30, ["a", "b"], [9] * 90)
+    outs.append(_submit(engine, long))
+    _run(engine)
+    return [values for _, values in shorts] + [long_values], outs, runner, engine
+
+
+def test_a_full_batch_and_a_chunk_share_one_mixed_graph_with_the_same_tokens():
+    values, outs, runner, engine = _full_batch_beside_a_long_prompt()
+    for prompt, out in zip(values, outs):
+        assert _tokens(out) == expected_tokens(prompt, 8)
+    mixed = [g for kind, g in runner.graphs if kind == "mixed"]
+    assert mixed and all(g in runner.shapes.mixed_graphs() for g in mixed)
+    assert engine.stats()["fused_steps"] == len(mixed) > 0
+    # Off: the same steps run as a decode graph then a prefill graph, with the same tokens.
+    _, apart, runner_off, engine_off = _full_batch_beside_a_long_prompt(mixed_graphs=False)
+    assert [_tokens(o) for o in apart] == [_tokens(o) for o in outs]
+    assert "mixed" not in {kind for kind, _ in runner_off.graphs}
+    assert engine_off.stats()["fused_steps"] == 0
+    assert engine_off.stats()["mixed_steps"] == engine.stats()["mixed_steps"]
+
+
+def test_a_batch_below_the_mixed_bucket_or_a_graph_not_yet_compiled_runs_two_graphs():
+    engine, runner = _engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32)
+    assert runner.mixed_graph_for(3, (32, 8)) == (32, 8)
+    assert runner.mixed_graph_for(2, (32, 8)) is None  # 2 decodes: bucket 2, not the full 4
+    assert runner.mixed_graph_for(4, (64, 8)) is None  # more chunk tokens than a mixed step holds
+    runner.plans["mixed"].compiled.clear()
+    assert runner.mixed_graph_for(4, (32, 8)) is None
+    short, short_values = _image_seq("short", [101, 5, 6], [], [7], per_image=16)
+    long, long_values = _image_seq("long", [101] * 30, ["a", "b"], [9] * 90)
+    out_short = _submit(engine, short)
+    engine.step()
+    out_long = _submit(engine, long)
+    _run(engine)  # one decode beside the chunks: two graphs a step
+    assert _tokens(out_short) == expected_tokens(short_values, 8)
+    assert _tokens(out_long) == expected_tokens(long_values, 8)
+    assert "mixed" not in {kind for kind, _ in runner.graphs} and engine.stats()["mixed_steps"] > 0
+
+
 def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefill_graph():
     """A replica serves on one graph: decodes are one-token chunks, a few sequences per step,
     until the engine compiles the decode graph (here: when idle), and outputs stay exact."""
@@ -385,7 +439,7 @@ def test_randomized_workload_is_exact_and_uses_only_warm_shapes():
     blocks = engine.scheduler.blocks
     assert blocks.hit_tokens > 0 and engine.scheduler.preemptions > 0
     assert blocks.num_used == 0
-    assert {kind for kind, _ in runner.graphs} == {"decode", "prefill"}
+    assert {kind for kind, _ in runner.graphs} <= {"decode", "prefill", "mixed"}
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -416,6 +470,22 @@ def test_a_failing_sink_or_postprocessing_ends_only_its_own_request():
     after = _submit(engine, _seq("after", [101, 4]))
     _run(engine)
     assert isinstance(failed[-1], DecoderStepError) and "injected prefill failure" in str(failed[-1])
+    assert _tokens(after) == expected_tokens([101, 4], 8)
+
+
+def test_a_failing_mixed_graph_fails_its_decodes_and_chunks_and_the_engine_goes_on():
+    engine, runner = _engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32)
+    outs = [_submit(engine, _seq(f"s{i}", [101, 5 + i, 6])) for i in range(3)]
+    engine.step()
+    long = _submit(engine, _seq("long", [101] * 100))
+    runner.fail_next = "mixed"
+    engine.step()  # three decodes and long's first chunk, on one graph that raises
+    assert [kind for kind, _ in runner.graphs][-1] == "mixed"
+    for out in [*outs, long]:
+        assert isinstance(out[-1], DecoderStepError) and "injected mixed failure" in str(out[-1])
+    assert engine.scheduler.blocks.num_used == 0
+    after = _submit(engine, _seq("after", [101, 4]))
+    _run(engine)
     assert _tokens(after) == expected_tokens([101, 4], 8)
 
 
