@@ -10,9 +10,10 @@ Compile discipline (after vLLM's TPU model runner):
   steps is one of the step's input arrays; the KV cache is the state each step updates
   in place (its buffers donated);
 - the graphs are the (chunk tokens, context blocks) prefill family, the (batch, blocks)
-  decode family and the (chunk tokens, blocks) mixed family of `DecoderShapes`. `warm_up` compiles one graph, the prefill family's
-  covering one (the largest, which every chunk fits by padding up), so the replica can
-  serve: until a decode graph exists, decodes run on it as one-token chunks
+  decode family and the (chunk tokens, blocks) mixed family of `DecoderShapes` (`graph_plans`).
+  `warm_up` compiles one graph, the prefill family's covering one (the largest, which
+  every chunk fits by padding up), so the replica can serve: until a decode graph
+  exists, decodes run on it as one-token chunks
   (`inputs.decodes_as_chunks`). With `full=True` it compiles every graph before returning.
   `compile_next` compiles one more outside any step (the engine calls it between steps),
   the decode family's covering graph first; each step runs on the cheapest compiled graph
@@ -64,6 +65,16 @@ def kv_geometry(text_config, dtype: torch.dtype) -> KVGeometry:
     return KVGeometry(num_layers=text_config.num_hidden_layers,
                       num_kv_heads=text_config.num_key_value_heads or heads, head_dim=head_dim,
                       dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+
+
+def graph_plans(shapes: DecoderShapes) -> dict[str, GraphPlan]:
+    """The graph families of `shapes`, by kind; "mixed" only where the family is on."""
+    plans = {"prefill": GraphPlan(shapes.prefill_graphs()),
+             "decode": GraphPlan(shapes.decode_graphs())}
+    mixed = shapes.mixed_graphs()
+    if mixed:
+        plans["mixed"] = GraphPlan(mixed)
+    return plans
 
 
 def next_to_compile(plans: dict[str, GraphPlan]) -> tuple[str, tuple[int, int]] | None:
@@ -121,10 +132,7 @@ class ModelRunner:
             # Materialise weights, tables and cache as device data now: left pending, they would
             # fold into the first warm-up graph, which then differs from the same step later.
             device.sync()
-        self.plans = {"prefill": GraphPlan(self.shapes.prefill_graphs()),
-                      "decode": GraphPlan(self.shapes.decode_graphs())}
-        if self.shapes.mixed_graphs():
-            self.plans["mixed"] = GraphPlan(self.shapes.mixed_graphs())
+        self.plans = graph_plans(self.shapes)
         self._graphs: dict[tuple[str, tuple[int, int]], ReplayedGraph] = {}  # xla: captured
         self.warmup_seconds = 0.0  # until ready: the covering graph (or all, with full=True)
         self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
@@ -235,11 +243,11 @@ class ModelRunner:
     def _compile(self, kind: str, graph: tuple[int, int]) -> None:
         """Runs `graph` once on padding (its writes land in the null block), outside any step."""
         t0 = time.perf_counter()
-        if kind in ("prefill", "mixed"):
-            padding = PrefillInputs.padding if kind == "prefill" else MixedInputs.padding
-            inputs = padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
-        else:
+        if kind == "decode":
             inputs = DecodeInputs.padding(*graph, self.shapes, self.vocab_size)
+        else:
+            family = PrefillInputs if kind == "prefill" else MixedInputs
+            inputs = family.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
         with self.guard.compiling():
             self._execute(kind, inputs).cpu()  # captured, then run once as a step runs it
         self.plans[kind].mark_compiled(graph)

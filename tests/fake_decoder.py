@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from decoder_service.config import DecoderShapes
+from decoder_service.config import DecoderConfig, DecoderShapes, KVGeometry, derive_shapes
 from decoder_service.inputs import NO_SEQ_QUERY, DecodeInputs, MixedInputs, PrefillInputs
-from decoder_service.runner import mixed_graph_for, next_to_compile
+from decoder_service.runner import graph_plans, mixed_graph_for, next_to_compile
 from runtime.compile_guard import RecompilationError
-from runtime.graphs import GraphPlan
 from runtime.messages import MAX_TOP_LOGPROBS
 
 TOKEN_BASE, TOKEN_RANGE = 1000, 997  # outputs stay clear of special and image token ids
+TINY_KV = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype_bytes=4)
+# LLaVA-1.5-7B: 32 layers, 32 KV heads of 128, bfloat16.
+LLAVA_7B_KV = KVGeometry(num_layers=32, num_kv_heads=32, head_dim=128, dtype_bytes=2)
+
+
+def decoder_shapes(kv: KVGeometry = TINY_KV, max_position_embeddings: int = 1024,
+                   **overrides) -> DecoderShapes:
+    """The shapes of a decoder config (the tiny test decoder's, less `overrides`) for a model
+    of geometry `kv`, without loading one."""
+    config = DecoderConfig(model="unused", **{"max_model_len": 256, "max_num_seqs": 4,
+                                              "max_num_batched_tokens": 64, **overrides})
+    return derive_shapes(config, max_position_embeddings, kv)
 
 
 def checksum(values: np.ndarray) -> int:
@@ -53,10 +64,7 @@ class FakeRunner:
         self.guard = _Guard()
         self.pool = np.full((shapes.num_blocks, shapes.block_size), -1, np.int64)
         self.graphs: list[tuple[str, tuple[int, int]]] = []
-        self.plans = {"decode": GraphPlan(shapes.decode_graphs()),
-                      "prefill": GraphPlan(shapes.prefill_graphs())}
-        if shapes.mixed_graphs():
-            self.plans["mixed"] = GraphPlan(shapes.mixed_graphs())
+        self.plans = graph_plans(shapes)
         self.plans["prefill"].mark_compiled(self.plans["prefill"].covering)
         while all_warm and self.compile_next():  # all warm: steps run on exactly their buckets
             pass

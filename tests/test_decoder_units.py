@@ -1,8 +1,7 @@
-"""Host-side pieces of the decoder, tested without a model: shapes and their coverage, the
-block pool and its prefix cache, scheduling with chunked prefill and preemption (through
-the fake runner, whose outputs are checksums of what each sequence can see) and the engine's
-fault handling. (Detokenization and sampling: tests/test_detokenizer.py,
-tests/test_sampler_draws.py.)"""
+"""Host-side pieces of the decoder, tested without a model: the block pool and its prefix
+cache, scheduling with chunked prefill and preemption (through the fake runner, whose
+outputs are checksums of what each sequence can see) and the engine's fault handling. (Shapes and their coverage: tests/test_decoder_shapes.py; detokenization
+and sampling: tests/test_detokenizer.py, tests/test_sampler_draws.py.)"""
 
 import random
 
@@ -10,85 +9,17 @@ import numpy as np
 import pytest
 
 from decoder_service.block_manager import BlockManager, extend_block_hashes
-from decoder_service.config import DecoderConfig, KVGeometry, derive_shapes
+from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderStepError, Engine
 from decoder_service.inputs import decodes_as_chunks
 from runtime.host_cpu import HostCpu
 from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
 from deploy.demo_checkpoint import build_tokenizer
-from runtime.buckets import pad_to_bucket
 from runtime.messages import SamplingParams
-from tests.fake_decoder import FakeRunner, expected_tokens
+from tests.fake_decoder import LLAVA_7B_KV, TINY_KV, FakeRunner, decoder_shapes, expected_tokens
 
 IMG = 30522
-TINY_KV = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype_bytes=4)
-# LLaVA-1.5-7B: 32 layers, 32 KV heads of 128, bfloat16.
-LLAVA_7B_KV = KVGeometry(num_layers=32, num_kv_heads=32, head_dim=128, dtype_bytes=2)
-
-
-def _shapes(kv=TINY_KV, max_position_embeddings=1024, **overrides):
-    config = DecoderConfig(model="unused", **{"max_model_len": 256, "max_num_seqs": 4,
-                                              "max_num_batched_tokens": 64, **overrides})
-    return derive_shapes(config, max_position_embeddings, kv)
-
-
-# --- shapes --------------------------------------------------------------------------------
-def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence():
-    shapes = _shapes(kv_cache_bytes=2**20)
-    assert shapes.decode_batch_buckets == (1, 2, 4)
-    assert shapes.block_buckets == (2, 4, 8, 16)  # 32..256 tokens of context
-    assert shapes.decode_block_buckets == (2, 4, 8, 12, 16)  # 1.5x midpoints from 8 blocks
-    assert shapes.chunk_buckets == (16, 32, 64)
-    assert shapes.num_blocks == 2**20 // TINY_KV.block_bytes(16)
-    assert (64, 2) not in shapes.prefill_graphs()  # 33+ tokens never fit 2 blocks
-    assert (64, 4) in shapes.prefill_graphs() and (16, 2) in shapes.prefill_graphs()
-    with pytest.raises(ValueError, match="one sequence of max_model_len 256 needs 16"):
-        _shapes(kv_cache_bytes=TINY_KV.block_bytes(16) * 16)
-    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
-        _shapes(max_model_len=2048)
-    with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        DecoderConfig(model="x", max_num_seqs=8, max_num_batched_tokens=8)
-
-
-def _reachable_graphs(shapes, chunk_cap):
-    """Every (kind, graph) a step can ask for: decode batches of 1..max_num_seqs sequences whose
-    longest context is 1..max_model_len tokens; prefill steps of 1..max_chunk_tokens tokens whose
-    prompts' context blocks (at least the chunk's own, at most one sequence's worth, which the
-    scheduler enforces) are anything between; mixed steps: a full decode batch (its bucket is
-    the largest) beside 1..`chunk_cap` chunk tokens, the blocks bucket holding both."""
-    bs, top = shapes.block_size, shapes.max_blocks_per_seq
-    decode = {(pad_to_bucket(n, shapes.decode_batch_buckets),
-               pad_to_bucket(k, shapes.decode_block_buckets))
-              for n in range(1, shapes.max_num_seqs + 1) for k in range(1, top + 1)}
-    prefill = {(pad_to_bucket(c, shapes.chunk_buckets), pad_to_bucket(k, shapes.block_buckets))
-               for c in range(1, shapes.max_chunk_tokens + 1) for k in range(-(-c // bs), top + 1)}
-    fewest_decodes = shapes.decode_batch_buckets[-2] + 1 if len(shapes.decode_batch_buckets) > 1 else 1
-    most_tokens = min(chunk_cap, shapes.max_chunk_tokens - fewest_decodes)  # the scheduler's budget
-    mixed = {(pad_to_bucket(c, shapes.mixed_chunk_buckets), pad_to_bucket(k, shapes.mixed_block_buckets))
-             for c in range(1, most_tokens + 1) for k in range(-(-c // bs), top + 1)}
-    return decode, prefill, mixed
-
-
-@pytest.mark.parametrize("name, kv, overrides", [
-    # LLaVA-1.5 at 336 px (576 tokens per image), 4096 positions, the TPU config's budget.
-    ("llava-1.5-7b", LLAVA_7B_KV, dict(max_model_len=4096, max_num_seqs=16, kv_cache_bytes=16 * 2**30,
-                                       max_num_batched_tokens=512, max_images_per_request=4)),
-    ("demo-tiny", TINY_KV, dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)),
-    ("demo-small", KVGeometry(12, 4, 64, 4), dict(max_model_len=1024, max_num_seqs=16,
-                                                  max_num_batched_tokens=256)),
-])
-def test_warm_up_covers_every_shape_the_runtime_can_produce(name, kv, overrides):
-    # Images add no shape dimension: their rows ride in the chunk's token rows, so the
-    # 576-token images of LLaVA-1.5 need no graphs of their own.
-    shapes = _shapes(kv, max_position_embeddings=4096, **overrides)
-    cap = DecoderConfig(model="unused", **overrides).chunk_tokens_while_decoding
-    decode, prefill, mixed = _reachable_graphs(shapes, cap)
-    assert decode == set(shapes.decode_graphs()), name
-    assert prefill == set(shapes.prefill_graphs()), name
-    assert mixed == set(shapes.mixed_graphs()) and shapes.mixed_batch == shapes.max_num_seqs, name
-    print(f"{name}: {len(decode)} decode + {len(prefill)} prefill + {len(mixed)} mixed graphs")
-    assert not _shapes(kv, max_position_embeddings=4096, mixed_graphs=False, **overrides).mixed_graphs()
 
 
 # --- block pool ----------------------------------------------------------------------------
@@ -160,7 +91,7 @@ def test_pool_counts_references_and_evicts_cached_blocks_lru():
 # --- scheduling through the fake runner -----------------------------------------------------
 def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_warm=True,
             **overrides):
-    shapes = _shapes(kv, max_position_embeddings, **overrides)
+    shapes = decoder_shapes(kv, max_position_embeddings, **overrides)
     runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
     budget = overrides.get("max_num_batched_tokens", 64)
@@ -339,7 +270,7 @@ def test_idle_compiles_wait_while_the_host_is_busy():
 
 
 def test_decodes_as_chunks_groups_fit_the_prefill_graph():
-    shapes = _shapes(TINY_KV, 1024, kv_cache_bytes=2**20, max_prefill_seqs=4)
+    shapes = decoder_shapes(TINY_KV, 1024, kv_cache_bytes=2**20, max_prefill_seqs=4)
     seqs = [_seq(f"g{i}", [101] * n) for i, n in enumerate([40, 40, 10, 10, 10, 10, 90])]
     groups = decodes_as_chunks(seqs, shapes, (64, 6))  # 6 blocks of 16: 96 tokens of context
     assert [[c.seq.request_id for c in g] for g in groups] == [
@@ -414,7 +345,7 @@ def test_a_full_pool_makes_work_wait_or_preempts_and_outputs_stay_exact():
     assert engine.scheduler.blocks.num_used == 0
 
 
-def test_randomized_workload_is_exact_and_uses_only_warm_shapes():
+def test_randomized_workload_is_exact_and_uses_only_warmdecoder_shapes():
     # The real LLaVA-1.5 geometry: 576 tokens per image, 4096 positions, 1-4 images a request.
     engine, runner = _engine(kv=LLAVA_7B_KV, max_position_embeddings=4096, max_model_len=4096,
                              max_num_seqs=16, max_num_batched_tokens=512,
