@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.object_store import LocalObjectStore
 
     checkpoint = open_checkpoint(str(checkpoint_dir(args.size, args.cache_dir)))
-    config = EncoderConfig(model=str(checkpoint.path), max_batch_items=args.max_batch_items)
+    config = EncoderConfig(model=str(checkpoint.path), max_batch_items=args.max_batch_items,
+                           full_warmup=True)  # every bucket's warm-up time, and no compile mid-run
     store = LocalObjectStore()
     service = EncoderService(config, store)
     stats = service.stats()
