@@ -4,16 +4,9 @@ Threads and queues:
 - `submit(item)` may be called from any thread or event loop; it puts `(item, future)` on
   a `queue.SimpleQueue` and returns a `concurrent.futures.Future` for the item's result.
 - One worker thread (named `<name>-batcher`) is the only caller of `run_batch`. It waits for
-  a first item, then keeps gathering until `max_items` are in hand or no item has come for
-  the batch wait (each arrival keeps the batch open: a burst that reaches the batcher spread
-  over tens of milliseconds runs as one batch), and never longer than `max_wait_s` in all;
-  then it runs them as one batch. Items that do not fit stay queued for the next batch, so a
-  burst larger than `max_items` becomes several full batches.
-- The batch wait is `wait_s`, or with `wait_s=None` a share (`AUTO_WAIT_SHARE`) of the
-  device time per item of the last batch: waiting for company then costs a small part of
-  what an item's own step would. On the development CPU (~0.37 s for one image, ~0.22 s per
-  image in a batch of 8) a batch waits 30-55 ms for the next image; on a TPU, where a step
-  takes milliseconds, a fraction of a millisecond.
+  a first item, then keeps gathering until `max_items` are in hand or `wait_s` has passed
+  since that first item, and runs them as one batch. Items that do not fit stay queued for
+  the next batch, so a burst larger than `max_items` becomes several full batches.
 - With nothing queued, the worker calls `on_idle()` (if given) until it returns False, then
   waits for an item, asking `on_idle()` again every `IDLE_POLL_S` (it may have declined for
   now); the encoder compiles its remaining buckets there, between batches. Once the hook has
@@ -38,8 +31,6 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 IDLE_POLL_S = 1.0  # how often an idle worker asks `on_idle` again
-AUTO_WAIT_SHARE = 0.15  # wait_s=None: the batch wait, as a share of the last batch's time per item
-AUTO_WAIT_FIRST_S = 0.005  # ... before any batch has run
 
 
 class BatcherClosed(RuntimeError):
@@ -48,18 +39,16 @@ class BatcherClosed(RuntimeError):
 
 class Batcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], *, max_items: int,
-                 wait_s: float | None, max_wait_s: float = 0.2, name: str = "encoder",
+                 wait_s: float, name: str = "encoder",
                  on_idle: Callable[[], bool] | None = None) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
-        if wait_s is not None and wait_s < 0:
-            raise ValueError(f"wait_s must be >= 0 or None, got {wait_s}")
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
         self._run_batch = run_batch
         self._on_idle = on_idle
         self.max_items = max_items
-        self._wait_s = wait_s
-        self.max_wait_s = max(max_wait_s, wait_s or 0.0)
-        self._item_s: float | None = None  # the last batch's time per item
+        self.wait_s = wait_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()  # nothing is queued after the stop marker
@@ -67,15 +56,6 @@ class Batcher:
         self.items = 0
         self._thread = threading.Thread(target=self._work, name=f"{name}-batcher", daemon=True)
         self._thread.start()
-
-    @property
-    def wait_s(self) -> float:
-        """How long a batch stays open for the next item."""
-        if self._wait_s is not None:
-            return self._wait_s
-        if self._item_s is None:
-            return min(AUTO_WAIT_FIRST_S, self.max_wait_s)
-        return min(AUTO_WAIT_SHARE * self._item_s, self.max_wait_s)
 
     @property
     def is_alive(self) -> bool:
@@ -102,9 +82,7 @@ class Batcher:
     def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
         """The batch that starts with `first`, and whether a stop came while gathering."""
         batch = [first]
-        wait_s = self.wait_s
-        limit = time.monotonic() + self.max_wait_s
-        deadline = min(limit, time.monotonic() + wait_s)
+        deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_items:
             timeout_s = deadline - time.monotonic()
             try:
@@ -114,7 +92,6 @@ class Batcher:
             if entry is _STOP:
                 return batch, True
             batch.append(entry)
-            deadline = min(limit, time.monotonic() + wait_s)  # a burst keeps the batch open
         return batch, False
 
     def _work(self) -> None:
@@ -155,10 +132,8 @@ class Batcher:
             return False
 
     def _run(self, batch: list[tuple]) -> None:
-        began = time.monotonic()
         try:
             results = self._run_batch([item for item, _ in batch])
-            self._item_s = (time.monotonic() - began) / len(batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as error:  # the whole batch failed (device error): fail its items only

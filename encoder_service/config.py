@@ -18,10 +18,7 @@ class EncoderConfig:
     model: str  # checkpoint directory or hub id; becomes the embeddings' model_id
     device: str = "xla"
     max_batch_items: int = 8  # largest item-batch bucket; buckets are 1, 2, 4, ... up to it
-    # How long a batch stays open for the next item from other requests; None: a share of the
-    # last batch's time (encoder_service/batcher.py). Never longer than batch_max_wait_s in all.
-    batch_wait_s: float | None = None
-    batch_max_wait_s: float = 0.2
+    batch_wait_s: float = 0.005  # how long a batch waits for items from other requests
     encoder_cache_bytes: int = 512 * MiB  # LRU budget for cached embeddings; 0 disables the cache
     embedding_dtype: str = "float32"  # how embeddings are stored and sent: the decoder's dtype
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
@@ -51,13 +48,8 @@ class EncoderConfig:
         _require_int(self, "max_image_bytes", minimum=1)
         _require_int(self, "max_image_pixels", minimum=1)
         _require_int(self, "preprocess_threads", minimum=1)
-        if self.batch_wait_s is not None and (not isinstance(self.batch_wait_s, (int, float))
-                                              or not 0 <= self.batch_wait_s <= 1):
-            raise ValueError(f"batch_wait_s must be None or between 0 and 1 second, "
-                             f"got {self.batch_wait_s!r}")
-        if not isinstance(self.batch_max_wait_s, (int, float)) or not 0 <= self.batch_max_wait_s <= 5:
-            raise ValueError(f"batch_max_wait_s must be between 0 and 5 seconds, "
-                             f"got {self.batch_max_wait_s!r}")
+        if not isinstance(self.batch_wait_s, (int, float)) or not 0 <= self.batch_wait_s <= 1:
+            raise ValueError(f"batch_wait_s must be between 0 and 1 second, got {self.batch_wait_s!r}")
         object.__setattr__(self, "buckets", power_of_two_buckets(self.max_batch_items))
 
 

@@ -78,8 +78,7 @@ class EncoderService:
                                      on_evict=(lambda ref: drop(ref.object_ref)) if drop else None)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
         self._batcher = Batcher(self._runner.run, max_items=config.max_batch_items,
-                                wait_s=config.batch_wait_s, max_wait_s=config.batch_max_wait_s,
-                                name="encoder",
+                                wait_s=config.batch_wait_s, name="encoder",
                                 on_idle=self._compile_when_host_spares)
         self._item_errors = 0
         self.startup_seconds = time.perf_counter() - started

@@ -39,7 +39,7 @@ def test_config_derives_buckets_and_is_frozen():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("model", ""), ("device", "tpu"), ("max_batch_items", 0), ("batch_wait_s", -0.1), ("batch_max_wait_s", 9),
+    ("model", ""), ("device", "tpu"), ("max_batch_items", 0), ("batch_wait_s", -0.1),
     ("encoder_cache_bytes", -1), ("max_image_bytes", 0), ("max_image_pixels", 1.5),
     ("preprocess_threads", 0), ("max_batch_items", True)])
 def test_config_rejects_bad_values_naming_the_field(field, value):
@@ -181,52 +181,6 @@ def test_batcher_splits_a_burst_over_full_batches():
     assert [f.result(timeout=5) for f in futures] == [2 * i for i in range(20)]
     assert sum(recorder.sizes) == 20 and max(recorder.sizes) == 8 and len(recorder.sizes) >= 3
     batcher.close()
-
-
-def test_a_burst_spread_over_time_runs_as_one_batch():
-    # Requests reach the encoder a few ms apart (the router parses each one first): every
-    # arrival keeps the batch open for another `wait_s`, so the burst is one device step.
-    recorder = _Recorder()
-    batcher = Batcher(recorder, max_items=8, wait_s=0.15, max_wait_s=5.0)
-    futures = []
-    for i in range(6):  # 0.3 s from first to last: twice `wait_s`, each gap well inside it
-        futures.append(batcher.submit(i))
-        time.sleep(0.06)
-    assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
-    assert recorder.sizes == [6]
-    batcher.close()
-
-
-def test_a_steady_stream_is_cut_into_batches_by_max_wait():
-    recorder = _Recorder()
-    batcher = Batcher(recorder, max_items=64, wait_s=0.15, max_wait_s=0.3)
-    began = time.monotonic()
-    futures = []
-    while time.monotonic() - began < 1.2:  # an item every 30 ms, never a 0.15 s gap
-        futures.append(batcher.submit(len(futures)))
-        time.sleep(0.03)
-    assert [f.result(timeout=5) for f in futures] == [2 * i for i in range(len(futures))]
-    assert len(recorder.sizes) >= 3 and max(recorder.sizes) <= 0.35 / 0.03 + 1
-    batcher.close()
-
-
-def test_the_automatic_batch_wait_is_a_share_of_an_items_device_time():
-    from encoder_service.batcher import AUTO_WAIT_FIRST_S, AUTO_WAIT_SHARE
-
-    recorder = _Recorder(delay_s=0.2)
-    batcher = Batcher(recorder, max_items=8, wait_s=None, max_wait_s=5.0)
-    assert batcher.wait_s == AUTO_WAIT_FIRST_S  # nothing measured yet
-    assert batcher.submit(1).result(timeout=5) == 2
-    assert 0.2 * AUTO_WAIT_SHARE <= batcher.wait_s < 0.3 * AUTO_WAIT_SHARE  # one item, 0.2 s
-    futures = [batcher.submit(i) for i in range(4)]
-    assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6]
-    assert recorder.sizes == [1, 4]
-    assert 0.05 * AUTO_WAIT_SHARE <= batcher.wait_s < 0.075 * AUTO_WAIT_SHARE  # four, 0.2 s
-    batcher.close()
-    capped = Batcher(_Recorder(delay_s=0.2), max_items=8, wait_s=None, max_wait_s=0.01)
-    capped.submit(1).result(timeout=5)
-    assert capped.wait_s == 0.01
-    capped.close()
 
 
 def test_batcher_wait_is_bounded():
