@@ -94,7 +94,10 @@ class EncoderService:
         beside this one may still be warming up; `runtime.host_cpu`). Once every bucket is in,
         the batcher stops asking."""
         if self._runner.plan.next_pending() is None:
-            self._batcher.retire_idle_work()
+            # The batcher's thread asks from its start: before the constructor has stored it.
+            batcher = getattr(self, "_batcher", None)
+            if batcher is not None:
+                batcher.retire_idle_work()
             return False
         return self._host_cpu.has_spare() and self._runner.compile_next()
 

@@ -240,3 +240,23 @@ async def test_ready_after_the_largest_bucket_and_the_rest_compile_when_idle(tin
         assert quick.stats()["compilations_after_warmup"] == 0
     finally:
         quick.close()
+
+
+def test_a_service_with_every_bucket_compiled_retires_its_idle_work_cleanly(tiny_checkpoint, caplog):
+    """The batcher's thread asks for idle work from its start, before the service has stored
+    the batcher; with nothing left to compile that first ask must not fail."""
+    import logging
+    import time
+
+    with caplog.at_level(logging.ERROR, logger="encoder_service.batcher"):
+        one = EncoderService(EncoderConfig(model=str(tiny_checkpoint), strict_compile=True,
+                                           max_batch_items=1), LocalObjectStore())
+        try:
+            deadline = time.monotonic() + 5
+            while one._batcher._on_idle is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert one._batcher._on_idle is None  # retired: nothing left to compile
+            assert one.stats()["graphs_compiled"] == 1
+        finally:
+            one.close()
+    assert not [r for r in caplog.records if "idle work failed" in r.getMessage()]
