@@ -49,6 +49,10 @@ class DecoderConfig:
     # A step's chunk stalls every running stream for its duration: this bounds that stall, while
     # a step with nothing decoding still prefills a whole budget.
     max_chunk_tokens_while_decoding: int | None = None
+    # A graph call this many times slower than the graph's best means another process computes
+    # on the same cores (the encoder beside the decoder on a CPU host): the cap above halves
+    # until a call runs faster (decoder_service/graph_times.py). None: the cap never changes.
+    contended_slowdown: float | None = 1.4
     max_prefill_seqs: int = 4  # prompts whose chunks share one prefill graph
     max_images_per_request: int = 4
     min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
@@ -76,6 +80,10 @@ class DecoderConfig:
         if cap is not None and not 1 <= cap <= self.max_num_batched_tokens:
             raise ValueError(f"max_chunk_tokens_while_decoding must be between 1 and "
                              f"max_num_batched_tokens ({self.max_num_batched_tokens}), got {cap}")
+        if self.contended_slowdown is not None and (
+                not isinstance(self.contended_slowdown, (int, float)) or self.contended_slowdown <= 1):
+            raise ValueError(f"contended_slowdown must be a number above 1 or None, got "
+                             f"{self.contended_slowdown!r}")
         if not 0.0 <= self.background_compile_share <= 1.0:
             raise ValueError(f"background_compile_share must be in [0, 1], got "
                              f"{self.background_compile_share}")

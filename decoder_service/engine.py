@@ -9,6 +9,8 @@ thread (the replica's asyncio loop) may call `submit` and `abort`; both only pos
 a command on a queue and wake the engine thread, which applies it between steps,
 so a new request joins, and an aborted one frees its blocks, at the next step.
 Each sequence's chunks go to its `sink` callback, called on the engine thread.
+Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph's best
+tells the scheduler the cores are shared, and the next step carries a smaller chunk.
 
 Graphs not compiled at start-up compile on the engine thread, between steps: whenever
 the engine is idle, and under load only while compiling has taken at most
@@ -32,10 +34,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from decoder_service.detokenizer import IncrementalDetokenizer
+from decoder_service.graph_times import GraphTimes
 from decoder_service.inputs import (
     build_decode,
     build_mixed,
@@ -54,6 +57,8 @@ from runtime.messages import GenerateChunk, TokenLogprob
 log = logging.getLogger(__name__)
 
 Sink = Callable[[GenerateChunk | BaseException], None]
+# A step's graph call: (the graph it ran, one sampled row per sequence).
+Compute = Callable[[], tuple[Hashable, list[SampledRow]]]
 
 
 class DecoderStepError(RuntimeError):
@@ -71,8 +76,12 @@ class Request:
 
 class Engine:
     def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int, *,
-                 background_compile_share: float = 0.1, host_cpu: HostCpu | None = None) -> None:
+                 background_compile_share: float = 0.1, host_cpu: HostCpu | None = None,
+                 graph_times: GraphTimes | None = None, clock: Callable[[], float] = time.monotonic,
+                 ) -> None:
         self.runner = runner
+        self.graph_times = graph_times or GraphTimes(contended_slowdown=None)
+        self._clock = clock  # times graph calls
         self.host_cpu = host_cpu or HostCpu()
         self.background_compile_share = background_compile_share
         self._ready_at = time.monotonic()
@@ -124,6 +133,7 @@ class Engine:
                 "prefix_cache_queried_tokens": blocks.queried_tokens,
                 "prefix_cache_hit_tokens": blocks.hit_tokens,
                 "preemptions": self.scheduler.preemptions, "step_errors": self.step_errors,
+                "contended_graph_calls": self.graph_times.contended_calls,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
                 "mixed_steps": self.steps["mixed"], "fused_steps": self.steps["fused"],
@@ -194,7 +204,7 @@ class Engine:
     def step(self) -> bool:
         """One engine step; False when there was nothing to do."""
         self._drain_inbox()
-        step = self.scheduler.schedule()
+        step = self.scheduler.schedule(contended=self.graph_times.contended)
         if step is None:
             return False
         if not (step.decodes and step.chunks and self._run_fused(step.decodes, step.chunks)):
@@ -214,11 +224,11 @@ class Engine:
             return False
         self.prompt_tokens += sum(c.num_tokens for c in chunks)
 
-        def compute() -> list[SampledRow]:
+        def compute() -> tuple[Hashable, list[SampledRow]]:
             inputs = build_mixed(seqs, chunks, r.shapes, graph=graph, hidden_size=r.hidden_size,
                                  vocab_size=r.vocab_size)
             decoded, prefilled = r.mixed(inputs)
-            return unpack(decoded, len(seqs)) + unpack(prefilled, len(chunks))
+            return ("mixed", graph), unpack(decoded, len(seqs)) + unpack(prefilled, len(chunks))
         self._run("fused", [*seqs, *(c.seq for c in chunks)], compute,
                   [*(s.num_tokens for s in seqs), *(c.end for c in chunks)],
                   sampled=[*(True for _ in seqs), *(c.completes for c in chunks)])
@@ -235,10 +245,10 @@ class Engine:
             self._decodes_on_prefill_s += time.monotonic() - started
             return
 
-        def compute() -> list[SampledRow]:
+        def compute() -> tuple[Hashable, list[SampledRow]]:
             graph = r.graph_for("decode", decode_need(seqs, r.shapes))
             inputs = build_decode(seqs, r.shapes, graph=graph, vocab_size=r.vocab_size)
-            return unpack(r.decode(inputs), len(seqs))
+            return ("decode", graph), unpack(r.decode(inputs), len(seqs))
         self._run("decode", seqs, compute, [s.num_tokens for s in seqs])
 
     def _run_chunks(self, chunks: list[Chunk]) -> None:
@@ -246,20 +256,22 @@ class Engine:
         self._run("prefill", [c.seq for c in chunks], self._prefill_compute(chunks),
                   [c.end for c in chunks], sampled=[c.completes for c in chunks])
 
-    def _prefill_compute(self, chunks: list[Chunk]) -> Callable[[], list[SampledRow]]:
+    def _prefill_compute(self, chunks: list[Chunk]) -> Compute:
         r = self.runner
 
-        def compute() -> list[SampledRow]:
+        def compute() -> tuple[Hashable, list[SampledRow]]:
             graph = r.graph_for("prefill", prefill_need(chunks, r.shapes))
             inputs = build_prefill(chunks, r.shapes, graph=graph, hidden_size=r.hidden_size,
                                    vocab_size=r.vocab_size)
-            return unpack(r.prefill(inputs), len(chunks))
+            return ("prefill", graph), unpack(r.prefill(inputs), len(chunks))
         return compute
 
-    def _run(self, kind: str, seqs: list[Sequence], compute: Callable[[], list[SampledRow]],
+    def _run(self, kind: str, seqs: list[Sequence], compute: Compute,
              computed: list[int], sampled: list[bool] | None = None) -> None:
         try:
-            rows = compute()
+            started = self._clock()
+            graph, rows = compute()
+            self.graph_times.record(graph, self._clock() - started)
         except Exception as error:  # the graph's sequences fail; the engine keeps serving
             log.exception("decoder: %s graph failed", kind)
             for seq in seqs:

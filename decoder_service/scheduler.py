@@ -6,7 +6,11 @@ Each step holds every decoding sequence (one token each) plus prefill chunks up 
 the token budget (`max_num_batched_tokens` less the decode tokens, and at most
 `chunk_tokens_while_decoding` when anything decodes), so a long prompt spreads over
 steps and running sequences never wait longer than one capped chunk; a step with
-nothing decoding spends the whole budget on prompts. Chunks go first to prompts
+nothing decoding spends the whole budget on prompts. While the engine's graph calls run
+slower than their best (`contended`: another process computes on the same cores, as the
+encoder does beside the decoder on a CPU host; graph_times.py), the cap halves: a contended
+step takes about twice as long, and would stall the running streams twice as long as the
+cap was chosen for. Chunks go first to prompts
 already started, in admission order, then to waiting requests (first come, first
 served), each of which first takes its longest cached prefix. A waiting prompt whose
 next blocks a running prompt is still computing (the same image sent twice at once) is
@@ -70,11 +74,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self, contended: bool = False) -> ScheduledStep | None:
+        """The next step; `contended`: the engine's last graph call ran slower than its best."""
         decodes = self._schedule_decodes()
         budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
         if decodes:
-            budget = min(budget, self.chunk_tokens_while_decoding)
+            cap = self.chunk_tokens_while_decoding
+            budget = min(budget, max(1, cap // 2) if contended else cap)
         chunks: list[Chunk] = []
         context_blocks = 0
         for seq in self.running:

@@ -25,6 +25,7 @@ from decoder_service.block_manager import BlockManager
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderStepError, Engine
 from decoder_service.grammar import Grammars, GrammarState
+from decoder_service.graph_times import GraphTimes
 from decoder_service.runner import ModelRunner
 from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
@@ -72,7 +73,8 @@ class DecoderService:
         scheduler = Scheduler(self.shapes, blocks, config.max_num_batched_tokens,
                               config.chunk_tokens_while_decoding)
         self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
-                             background_compile_share=config.background_compile_share)
+                             background_compile_share=config.background_compile_share,
+                             graph_times=GraphTimes(config.contended_slowdown))
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 

@@ -59,6 +59,8 @@ DECODER_SERIES = (
            "Prefix cache hit tokens / queried tokens since the replica started"),
     Series("splitserve_decoder_preemptions", ("preemptions",), "counter",
            "Sequences preempted for KV blocks (recomputed later)"),
+    Series("splitserve_decoder_contended_graph_calls", ("contended_graph_calls",), "counter",
+           "Graph calls that ran slower than their best by contended_slowdown (cores shared)"),
     Series("splitserve_decoder_step_errors", ("step_errors",), "counter",
            "Requests failed by a fault inside the engine (the engine kept serving)"),
     Series("splitserve_decoder_prompt_tokens", ("prompt_tokens",), "counter",

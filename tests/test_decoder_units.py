@@ -11,6 +11,7 @@ import pytest
 from decoder_service.block_manager import BlockManager, extend_block_hashes
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderStepError, Engine
+from decoder_service.graph_times import GraphTimes
 from decoder_service.inputs import decodes_as_chunks
 from runtime.host_cpu import HostCpu
 from decoder_service.scheduler import Scheduler
@@ -90,7 +91,7 @@ def test_pool_counts_references_and_evicts_cached_blocks_lru():
 
 # --- scheduling through the fake runner -----------------------------------------------------
 def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_warm=True,
-            **overrides):
+            graph_times=None, clock=None, **overrides):
     shapes = decoder_shapes(kv, max_position_embeddings, **overrides)
     runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
@@ -98,7 +99,8 @@ def _engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, all_w
     cap = overrides.get("max_chunk_tokens_while_decoding", budget)  # default: no cap
     scheduler = Scheduler(shapes, blocks, budget, cap)
     engine = Engine(runner, scheduler, _TOKENIZER, eos_token_id=102,
-                    host_cpu=HostCpu(read=lambda: None))  # the host always has CPUs to spare
+                    host_cpu=HostCpu(read=lambda: None),  # the host always has CPUs to spare
+                    graph_times=graph_times, **({"clock": clock} if clock else {}))
     return engine, runner
 
 
@@ -147,8 +149,8 @@ def test_a_step_that_decodes_carries_at_most_the_chunk_cap_and_one_that_does_not
     steps = []  # (decoding sequences, chunk tokens) of each step
     schedule = engine.scheduler.schedule
 
-    def recording():
-        step = schedule()
+    def recording(contended=False):
+        step = schedule(contended=contended)
         if step is not None:
             steps.append((len(step.decodes), sum(c.num_tokens for c in step.chunks)))
         return step
@@ -165,6 +167,78 @@ def test_a_step_that_decodes_carries_at_most_the_chunk_cap_and_one_that_does_not
     alone = [chunk for decodes, chunk in steps if not decodes and chunk]
     assert beside_decodes and max(beside_decodes) == 16  # the long prompt, while short decodes
     assert max(alone) == 64  # once short is done: the whole budget
+
+
+def test_a_call_slower_than_its_graphs_best_marks_the_engine_contended_until_one_is_not():
+    times = GraphTimes(contended_slowdown=1.5)
+    times.record(("decode", (4, 8)), 0.10)
+    assert not times.contended  # a graph's first call only sets its best
+    times.record(("decode", (4, 8)), 0.14)
+    assert not times.contended and times.last_slowdown == pytest.approx(1.4)
+    times.record(("decode", (4, 8)), 0.20)
+    assert times.contended and times.contended_calls == 1
+    times.record(("prefill", (64, 8)), 0.90)  # another graph, first seen while contended
+    assert not times.contended
+    times.record(("decode", (4, 8)), 0.08)  # faster than ever: the new best
+    assert not times.contended and times.best(("decode", (4, 8))) == 0.08
+    never = GraphTimes(contended_slowdown=None)
+    never.record("g", 1.0)
+    never.record("g", 50.0)
+    assert not never.contended and never.contended_calls == 0
+    with pytest.raises(ValueError, match="contended_slowdown must be > 1 or None"):
+        GraphTimes(contended_slowdown=1.0)
+    with pytest.raises(ValueError, match="contended_slowdown must be a number above 1 or None"):
+        DecoderConfig(model="m", contended_slowdown=0.5)
+
+
+class _SharedCores:
+    """An engine clock under which every graph call takes 1 s, or 3 s once `shared` is set."""
+
+    def __init__(self):
+        self.now, self.calls, self.shared = 0.0, 0, False
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:  # the engine reads the clock before and after each call
+            self.now += 3.0 if self.shared else 1.0
+        return self.now
+
+
+def test_while_graph_calls_run_slow_a_step_that_decodes_carries_half_the_chunk_cap():
+    """Contended cores (the encoder computing beside the decoder) make every call slower; the
+    chunks beside decodes then halve, so the running streams wait about what an uncontended
+    capped step would make them wait, and the tokens stay the same."""
+    clock = _SharedCores()
+    engine, runner = _engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32,
+                             graph_times=GraphTimes(contended_slowdown=1.5), clock=clock)
+    steps = []  # (contended, decoding sequences, chunk tokens) of each step
+    schedule = engine.scheduler.schedule
+
+    def recording(contended=False):
+        step = schedule(contended=contended)
+        if step is not None:
+            steps.append((contended, len(step.decodes), sum(c.num_tokens for c in step.chunks)))
+        return step
+    engine.scheduler.schedule = recording
+    short, short_values = _image_seq("short", [101, 5, 6], [], [7], per_image=16)
+    longs = [_image_seq(f"long{i}", [101] * 30, ["a", "b"], [9 + i] * 150) for i in range(2)]
+    outs = [_submit(engine, short)]
+    engine.step()  # short prefilled alone; it decodes from the next step on
+    outs.append(_submit(engine, longs[0][0]))
+    for _ in range(4):  # uncontended: the first long prompt's chunks take the whole cap
+        engine.step()
+    clock.shared = True
+    outs.append(_submit(engine, longs[1][0]))
+    _run(engine)
+    for (_, values), out in zip([(short, short_values), *longs], outs):
+        assert _tokens(out) == expected_tokens(values, 8)
+    beside = [(contended, chunk) for contended, decodes, chunk in steps if decodes and chunk]
+    assert max(chunk for contended, chunk in beside if not contended) == 32
+    contended_chunks = [chunk for contended, chunk in beside if contended]
+    assert contended_chunks and max(contended_chunks) == 16
+    assert engine.stats()["contended_graph_calls"] > 0
+    alone = [chunk for contended, decodes, chunk in steps if contended and not decodes and chunk]
+    assert not alone or max(alone) > 16  # nothing decoding: no stream waits, the budget stays
 
 
 def test_the_chunk_cap_while_decoding_defaults_to_half_the_budget():
