@@ -12,16 +12,10 @@ Each sequence's chunks go to its `sink` callback, called on the engine thread.
 Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph's best
 tells the scheduler the cores are shared, and the next step carries a smaller chunk.
 
-Graphs not compiled at start-up compile on the engine thread, between steps: whenever
-the engine is idle, and under load only while compiling has taken at most
-`background_compile_share` of the time since the replica became ready (each compile
-stalls running sequences for its duration, so the share bounds the stalls). Idle compiles
-wait while less than half the host's CPUs are idle (`runtime.host_cpu`): replicas beside
-this one may still be warming up, and their readiness comes first. The replica
-serves on one graph, the covering prefill graph: until the decode family's covering graph
-is compiled, decodes run on it as one-token chunks, a few sequences per step. Under load
-that graph compiles, outside the share, once those slow decode steps have cost as long as
-compiling the prefill graph took (a ski-rental rule: at most twice the best stall).
+Graphs that start-up left out compile on the engine thread between steps, when
+`background_compiles.BackgroundCompiles` allows it (idle, or within a share of the time
+under load); until the decode graph is in, decodes run on the prefill graph as one-token
+chunks.
 
 Faults stay with their requests: a graph that raises fails the sequences it held,
 a post-processing or sink that raises fails its own sequence; the engine goes on
@@ -37,6 +31,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from decoder_service.background_compiles import BackgroundCompiles
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.graph_times import GraphTimes
 from decoder_service.inputs import (
@@ -51,7 +46,6 @@ from decoder_service.inputs import (
 from decoder_service.sampler import SampledRow, unpack
 from decoder_service.scheduler import Chunk, Scheduler
 from decoder_service.sequence import Sequence
-from runtime.host_cpu import HostCpu
 from runtime.messages import GenerateChunk, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -76,17 +70,12 @@ class Request:
 
 class Engine:
     def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int, *,
-                 background_compile_share: float = 0.1, host_cpu: HostCpu | None = None,
-                 graph_times: GraphTimes | None = None, clock: Callable[[], float] = time.monotonic,
-                 ) -> None:
+                 compiles: BackgroundCompiles | None = None, graph_times: GraphTimes | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.runner = runner
+        self.compiles = compiles or BackgroundCompiles(runner)
         self.graph_times = graph_times or GraphTimes(contended_slowdown=None)
         self._clock = clock  # times graph calls
-        self.host_cpu = host_cpu or HostCpu()
-        self.background_compile_share = background_compile_share
-        self._ready_at = time.monotonic()
-        self._compile_s_under_load = 0.0
-        self._decodes_on_prefill_s = 0.0  # decode steps run on the prefill graph
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
@@ -147,7 +136,7 @@ class Engine:
         while not self._stopping:
             try:
                 busy = self.step()
-                compiled = self._compile_in_background(busy)
+                compiled = self.compiles.compile_one(busy)
             except Exception:  # a bug outside any one request: keep the thread, fail nobody
                 self.step_errors += 1
                 log.exception("decoder: engine step failed")
@@ -156,29 +145,6 @@ class Engine:
             if not busy and not compiled:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
-
-    def _compile_in_background(self, busy: bool) -> bool:
-        """One more graph, if any is left and the policy allows it now."""
-        if self.runner.graphs_compiled >= self.runner.graphs_planned:
-            return False  # all in: nothing to ask the host about
-        if not busy and not self.host_cpu.has_spare():
-            return False  # replicas beside this one are busy (still warming up?): not now
-        if busy and not self._decode_graph_pays():
-            allowed = self.background_compile_share * (time.monotonic() - self._ready_at)
-            if self._compile_s_under_load >= allowed:
-                return False
-        t0 = time.monotonic()
-        compiled = self.runner.compile_next()
-        if busy:
-            self._compile_s_under_load += time.monotonic() - t0
-        return compiled
-
-    def _decode_graph_pays(self) -> bool:
-        """No decode graph yet, and decoding without one has cost a compile's time already."""
-        if self.runner.can_decode:
-            return False
-        cost = max(self.runner.compile_seconds.values(), default=0.0)
-        return self._decodes_on_prefill_s >= cost
 
     def _drain_inbox(self) -> None:
         while True:
@@ -237,12 +203,12 @@ class Engine:
     def _run_decodes(self, seqs: list[Sequence]) -> None:
         r = self.runner
         if not r.can_decode:
-            started = time.monotonic()
+            started = self._clock()
             for group in decodes_as_chunks(seqs, r.shapes, r.plans["prefill"].covering):
                 self._run("decode", [c.seq for c in group], self._prefill_compute(group),
                           [c.end for c in group])
                 self.decode_steps_on_prefill += 1
-            self._decodes_on_prefill_s += time.monotonic() - started
+            self.compiles.decodes_on_prefill_s += self._clock() - started
             return
 
         def compute() -> tuple[Hashable, list[SampledRow]]:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from decoder_service.background_compiles import BackgroundCompiles
 from decoder_service.block_manager import BlockManager
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderStepError, Engine
@@ -73,7 +74,8 @@ class DecoderService:
         scheduler = Scheduler(self.shapes, blocks, config.max_num_batched_tokens,
                               config.chunk_tokens_while_decoding)
         self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
-                             background_compile_share=config.background_compile_share,
+                             compiles=BackgroundCompiles(
+                                 self.runner, share=config.background_compile_share),
                              graph_times=GraphTimes(config.contended_slowdown))
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)

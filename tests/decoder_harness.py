@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from decoder_service.background_compiles import BackgroundCompiles
 from decoder_service.block_manager import BlockManager
 from decoder_service.engine import Engine
 from decoder_service.scheduler import Scheduler
@@ -49,8 +50,8 @@ def fake_engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, a
     budget = overrides.get("max_num_batched_tokens", 64)
     cap = overrides.get("max_chunk_tokens_while_decoding", budget)  # default: no cap
     scheduler = Scheduler(shapes, blocks, budget, cap)
-    engine = Engine(runner, scheduler, TOKENIZER, eos_token_id=102,
-                    host_cpu=HostCpu(read=lambda: None),  # the host always has CPUs to spare
+    compiles = BackgroundCompiles(runner, host_cpu=HostCpu(read=lambda: None))  # always spare CPUs
+    engine = Engine(runner, scheduler, TOKENIZER, eos_token_id=102, compiles=compiles,
                     graph_times=graph_times, clock=clock or time.monotonic)
     return engine, runner
 

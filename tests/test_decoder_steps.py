@@ -192,7 +192,7 @@ def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefil
     # 7 decode tokens for each of 7 sequences, at most 3 sequences per step
     assert engine.steps["decode"] >= -(-7 * 7 // 3) and not runner.can_decode
     assert engine.stats()["decode_steps_on_prefill_graph"] == engine.steps["decode"]
-    assert engine._compile_in_background(busy=False) and runner.can_decode  # idle: decode first
+    assert engine.compiles.compile_one(busy=False) and runner.can_decode  # idle: decode first
     assert runner.plans["decode"].compiled == [runner.plans["decode"].covering]
     seq, values = image_seq("after", [101, 9, 9], [], [7], per_image=16)
     out = submit(engine, seq)
@@ -203,23 +203,23 @@ def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefil
 def test_decode_graph_compiles_under_load_once_slow_decodes_cost_a_compile():
     engine, runner = fake_engine(kv_cache_bytes=2**20, all_warm=False)
     runner.compile_seconds[("prefill", runner.plans["prefill"].covering)] = 0.5
-    engine.background_compile_share = 0.0  # only the rule for the decode graph can compile
-    assert not engine._compile_in_background(busy=True)  # nothing lost yet, no share left
-    engine._decodes_on_prefill_s = 0.5
-    assert engine._compile_in_background(busy=True) and runner.can_decode
-    assert not engine._compile_in_background(busy=True)  # the rest wait for the share again
+    engine.compiles.share = 0.0  # only the rule for the decode graph can compile
+    assert not engine.compiles.compile_one(busy=True)  # nothing lost yet, no share left
+    engine.compiles.decodes_on_prefill_s = 0.5
+    assert engine.compiles.compile_one(busy=True) and runner.can_decode
+    assert not engine.compiles.compile_one(busy=True)  # the rest wait for the share again
 
 
 def test_idle_compiles_wait_while_the_host_is_busy():
     engine, runner = fake_engine(kv_cache_bytes=2**20, all_warm=False)
     readings = iter([(0, 0), (10, 200), (190, 400)])  # 5 % idle, then 90 %
-    engine.host_cpu = HostCpu(read=readings.__next__)
-    assert not engine._compile_in_background(busy=False) and not runner.can_decode
-    assert engine._compile_in_background(busy=False) and runner.can_decode
+    engine.compiles.host_cpu = HostCpu(read=readings.__next__)
+    assert not engine.compiles.compile_one(busy=False) and not runner.can_decode
+    assert engine.compiles.compile_one(busy=False) and runner.can_decode
     while runner.graphs_compiled < runner.graphs_planned:
         runner.compile_next()
-    engine.host_cpu.has_spare = lambda: pytest.fail("read the host with every graph compiled")
-    assert not engine._compile_in_background(busy=False)
+    engine.compiles.host_cpu.has_spare = lambda: pytest.fail("read the host with every graph compiled")
+    assert not engine.compiles.compile_one(busy=False)
 
 
 def test_decodes_as_chunks_groups_fit_the_prefill_graph():
