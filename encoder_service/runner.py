@@ -16,7 +16,7 @@ Compile discipline (after vLLM's TPU model runner):
   nothing compiled inside a step.
 - a batch that fits no bucket exactly runs padded up, or as several smaller buckets when
   their measured calls cost less (`runtime.buckets.cheapest_split`): on a CPU a call costs
-  about its rows, so 6 images run as 4 + 2 in 12 % less time than padded to 8; on a TPU
+  about its rows, so 6 images run as 4 + 2 in 17 % less time than padded to 8; on a TPU
   the fixed cost per call makes padding cheaper. The costs are each bucket's fastest call so
   far, and a line through them for buckets not run yet; until two buckets have run, batches
   pad up. `known_costs` replaces the measurement (tests, or costs benchmarked elsewhere).
