@@ -14,12 +14,6 @@ Compile discipline (after vLLM's TPU model runner):
   when idle), outside any step; a batch
   runs on the smallest compiled bucket that holds it. After warm-up the guard checks that
   nothing compiled inside a step.
-- a batch that fits no bucket exactly runs padded up, or as several smaller buckets when
-  their measured calls cost less (`runtime.buckets.cheapest_split`): on a CPU a call costs
-  about its rows, so 6 images run as 4 + 2 in 17 % less time than padded to 8; on a TPU
-  the fixed cost per call makes padding cheaper. The costs are each bucket's fastest call so
-  far, and a line through them for buckets not run yet; until two buckets have run, batches
-  pad up. `known_costs` replaces the measurement (tests, or costs benchmarked elsewhere).
 
 Not thread-safe: warm-up runs first, then a single thread (the batcher's worker) calls `run`
 and `compile_next`.
@@ -36,7 +30,7 @@ import numpy as np
 import torch
 
 from encoder_service.vision_model import VisionEncoder
-from runtime.buckets import cheapest_split, split_into_buckets, validate_buckets
+from runtime.buckets import split_into_buckets, validate_buckets
 from runtime.compile_guard import CompileGuard
 from runtime.device import Device
 from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
@@ -49,7 +43,6 @@ class BucketStats:
     batches: int = 0
     items: int = 0
     padding_rows: int = 0
-    best_s: float | None = None  # the fastest call so far: what a call of this bucket costs
 
 
 class EncoderRunner:
@@ -65,7 +58,6 @@ class EncoderRunner:
         self.bucket_stats = {bucket: BucketStats() for bucket in self.buckets}
         self.plan = GraphPlan([(bucket,) for bucket in self.buckets])
         self.warmup_seconds: dict[int, float] = {}
-        self.known_costs: dict[int, float] | None = None  # seconds per call; None: measured
 
     def warm_up(self, full: bool = True, progress: WarmupProgress | None = None) -> dict[int, float]:
         """Compiles the largest bucket, which every batch fits, then (with `full`) every other;
@@ -111,51 +103,25 @@ class EncoderRunner:
     def run(self, pixels: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One [3, S, S] float32 array per image -> one [tokens_per_image, hidden_size] each.
 
-        More images than the largest bucket run as several steps; the last is padded, or split
-        over smaller buckets where that costs less (the module's docstring)."""
+        More images than the largest bucket run as several steps; the last is padded."""
         results: list[np.ndarray] = []
         start = 0
-        for count in self._chunks(len(pixels)):
+        for count in split_into_buckets(len(pixels), self.buckets):
             (bucket,) = self.plan.fit((count,))  # pad_to_bucket once every bucket is compiled
             batch = np.zeros((bucket, *self.pixel_shape), np.float32)  # padded rows stay zero
             for row, image in enumerate(pixels[start:start + count]):
                 if image.shape != self.pixel_shape:
                     raise ValueError(f"pixels of shape {image.shape}; the encoder takes {self.pixel_shape}")
                 batch[row] = image
-            began = time.perf_counter()
             with self.guard.step(f"encoder bucket {bucket} ({count} items)"):
                 out = self._step(batch)
-            seconds = time.perf_counter() - began
             results.extend(out[row].copy() for row in range(count))  # padding rows dropped on the host
             stats = self.bucket_stats[bucket]
             stats.batches += 1
             stats.items += count
             stats.padding_rows += bucket - count
-            stats.best_s = seconds if stats.best_s is None else min(stats.best_s, seconds)
             start += count
         return results
-
-    def _chunks(self, n: int) -> list[int]:
-        """Item counts, one per step, that cover n images at the least measured cost."""
-        chunks = split_into_buckets(n, self.buckets)  # full largest buckets, then the rest
-        costs = self.bucket_costs()
-        if costs is None or not chunks or chunks[-1] in costs:
-            return chunks
-        return chunks[:-1] + cheapest_split(chunks[-1], costs)
-
-    def bucket_costs(self) -> dict[int, float] | None:
-        """Seconds per call of each compiled bucket: its fastest call, else a line fitted
-        through those (cost = fixed + per row); None until two buckets have run."""
-        if self.known_costs is not None:
-            measured = dict(self.known_costs)
-        else:
-            measured = {b: s.best_s for b, s in self.bucket_stats.items() if s.best_s is not None}
-        if len(measured) < 2:
-            return None
-        rows, seconds = np.array(list(measured), float), np.array(list(measured.values()))
-        per_row, fixed = np.polyfit(rows, seconds, 1)
-        fixed, per_row = max(fixed, 0.0), max(per_row, 0.0)
-        return {b: measured.get(b, fixed + per_row * b) for (b,) in self.plan.compiled}
 
     def _trace(self, batch: np.ndarray) -> torch.Tensor:
         # batch: [bucket, 3, S, S] -> [bucket, tokens_per_image, hidden_size]

@@ -7,7 +7,7 @@ runtime pads with exactly these functions; there is no second copy of the rule.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 
 def validate_buckets(buckets: Sequence[int], name: str = "buckets") -> tuple[int, ...]:
@@ -75,40 +75,6 @@ def split_into_buckets(n: int, buckets: Sequence[int]) -> list[int]:
     if n % largest:
         chunks.append(n % largest)
     return chunks
-
-
-def cheapest_split(n: int, cost: Mapping[int, float]) -> list[int]:
-    """Chunk sizes that cover n items at the least total cost, largest first, where a chunk
-    of up to b items runs as one call of bucket b costing `cost[b]` (padded rows included).
-
-    Padding up is not always cheapest: where a call's cost grows with its rows (a CPU), two
-    smaller buckets can cost less than the padded larger one; where each call has a large
-    fixed cost (a TPU), padding wins. Measured costs decide. Ties go to fewer calls.
-
-    >>> cheapest_split(6, {1: 0.39, 2: 0.59, 4: 1.03, 8: 1.84})  # 4 + 2 rows: 1.62 < 1.84
-    [4, 2]
-    >>> cheapest_split(7, {1: 0.39, 2: 0.59, 4: 1.03, 8: 1.84})  # 4 + 2 + 1: 2.01 > 1.84
-    [7]
-    >>> cheapest_split(6, {1: 5.0, 2: 5.1, 4: 5.2, 8: 5.4})  # a fixed cost per call: pad
-    [6]
-    """
-    if n < 0:
-        raise ValueError(f"cannot split a negative size ({n})")
-    if not cost:
-        raise ValueError("cheapest_split needs the cost of at least one bucket")
-    best: list[tuple[float, int]] = [(0.0, 0)]  # per item count: (total cost, calls)
-    chunk = [0]
-    for k in range(1, n + 1):
-        options = [((best[k - min(b, k)][0] + c, best[k - min(b, k)][1] + 1), min(b, k))
-                   for b, c in cost.items()]
-        (total, take) = min(options, key=lambda option: (option[0], -option[1]))
-        best.append(total)
-        chunk.append(take)
-    chunks = []
-    while n:
-        chunks.append(chunk[n])
-        n -= chunk[n]
-    return sorted(chunks, reverse=True)
 
 
 def padding_waste(n: int, buckets: Sequence[int]) -> int:

@@ -1,7 +1,6 @@
 import pytest
 
 from runtime.buckets import (
-    cheapest_split,
     pad_to_bucket,
     padding_waste,
     power_of_two_buckets,
@@ -54,24 +53,3 @@ def test_padding_waste_counts_only_the_last_chunk():
 def test_validate_buckets_rejects_bad_lists(bad):
     with pytest.raises(ValueError):
         validate_buckets(bad)
-
-
-@pytest.mark.parametrize("costs", [{1: 0.39, 2: 0.59, 4: 1.03, 8: 1.84}, {1: 5.0, 2: 5.1, 4: 5.2, 8: 5.4},
-                                   {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}, {8: 1.0}, {2: 0.3, 8: 1.0}])
-def test_cheapest_split_covers_every_item_and_never_costs_more_than_padding(costs):
-    def cost_of(chunks):  # each chunk on the smallest bucket that holds it
-        return sum(costs[pad_to_bucket(c, sorted(costs))] for c in chunks)
-    largest = max(costs)
-    for n in range(0, 3 * largest + 1):
-        chunks = cheapest_split(n, costs)
-        assert sum(chunks) == n and all(0 < c <= largest for c in chunks)
-        assert chunks == sorted(chunks, reverse=True)
-        assert cost_of(chunks) <= cost_of(split_into_buckets(n, sorted(costs))) + 1e-12
-
-
-def test_cheapest_split_prefers_fewer_calls_on_a_tie_and_names_bad_input():
-    assert cheapest_split(4, {2: 1.0, 4: 2.0}) == [4]  # 2 + 2 costs the same in two calls
-    with pytest.raises(ValueError, match="negative"):
-        cheapest_split(-1, {1: 1.0})
-    with pytest.raises(ValueError, match="at least one bucket"):
-        cheapest_split(3, {})

@@ -83,55 +83,13 @@ def test_every_bucket_matches_transformers_with_padding(warm_runner, reference, 
     runner, _ = warm_runner
     pixels, expected = reference
     before = {b: vars(s).copy() for b, s in runner.bucket_stats.items()}
-    runner.known_costs = {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.4}  # a fixed cost per call: always pad up
-    try:
-        out = runner.run(list(pixels[:count]))
-    finally:
-        runner.known_costs = None
+    out = runner.run(list(pixels[:count]))
     assert len(out) == count
     for row, features in enumerate(out):
         assert features.shape == (16, 64) and features.dtype == np.float32
         assert np.abs(features - expected[row]).max() < TOLERANCE, f"row {row} of {count}"
     padding = sum(s.padding_rows - before[b]["padding_rows"] for b, s in runner.bucket_stats.items())
     assert padding == {3: 1, 5: 3, 11: 1}.get(count, 0)
-
-
-@pytest.mark.parametrize("count, steps", [(3, {2: 1, 1: 1}), (5, {4: 1, 1: 1}), (6, {4: 1, 2: 1}),
-                                          (7, {8: 1}), (13, {8: 1, 4: 1, 1: 1})])
-def test_a_batch_splits_over_smaller_buckets_when_they_cost_less(warm_runner, reference, count,
-                                                                 steps):
-    """Costs of a CPU (about the rows, plus a little per call): a split beats padding up to 8
-    for 5 and 6 images, not for 7 (4 + 2 + 1 pays three calls)."""
-    runner, _ = warm_runner
-    pixels, expected = reference
-    before = {b: s.batches for b, s in runner.bucket_stats.items()}
-    runner.known_costs = {1: 0.39, 2: 0.59, 4: 1.03, 8: 1.84}  # encoder_bench, small, 2 cores
-    try:
-        out = runner.run(list(pixels[:count]))
-    finally:
-        runner.known_costs = None
-    ran = {b: s.batches - before[b] for b, s in runner.bucket_stats.items() if s.batches > before[b]}
-    assert ran == steps
-    for row, features in enumerate(out):
-        assert np.abs(features - expected[row]).max() < TOLERANCE, f"row {row} of {count}"
-
-
-def test_bucket_costs_come_from_the_fastest_calls_and_a_line_through_them(warm_runner):
-    runner, _ = warm_runner
-    saved = {b: s.best_s for b, s in runner.bucket_stats.items()}
-    try:
-        for stats in runner.bucket_stats.values():
-            stats.best_s = None
-        assert runner.bucket_costs() is None  # nothing measured: batches pad up
-        runner.bucket_stats[1].best_s = 0.4
-        assert runner.bucket_costs() is None  # one bucket says nothing about the others
-        runner.bucket_stats[8].best_s = 1.8  # 0.2 per row + 0.2 per call
-        assert runner.bucket_costs() == pytest.approx({1: 0.4, 2: 0.6, 4: 1.0, 8: 1.8})
-        runner.bucket_stats[2].best_s = 0.5  # a measured call beats the line
-        assert runner.bucket_costs()[2] == 0.5
-    finally:
-        for bucket, best in saved.items():
-            runner.bucket_stats[bucket].best_s = best
 
 
 def test_padding_and_neighbours_never_change_a_row(warm_runner, reference):
