@@ -19,7 +19,8 @@ Only the engine thread calls in; the runner's `compile_next` picks which graph i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from runtime.host_cpu import HostCpu
 
@@ -34,6 +35,16 @@ class BackgroundCompiles:
         self._ready_at = clock()
         self._compiling_under_load_s = 0.0
         self.decodes_on_prefill_s = 0.0  # time decode steps have run on the prefill graph
+
+    @contextmanager
+    def decoding_on_prefill_graph(self) -> Iterator[None]:
+        """Times decodes run on the prefill graph (no decode graph yet): what the ski-rental
+        rule weighs against a compile, on the same clock as the compiles."""
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self.decodes_on_prefill_s += self._clock() - started
 
     def compile_one(self, busy: bool) -> bool:
         """Compiles one more graph if any is left and the policy allows it now; True if it did."""

@@ -203,12 +203,11 @@ class Engine:
     def _run_decodes(self, seqs: list[Sequence]) -> None:
         r = self.runner
         if not r.can_decode:
-            started = self._clock()
-            for group in decodes_as_chunks(seqs, r.shapes, r.plans["prefill"].covering):
-                self._run("decode", [c.seq for c in group], self._prefill_compute(group),
-                          [c.end for c in group])
-                self.decode_steps_on_prefill += 1
-            self.compiles.decodes_on_prefill_s += self._clock() - started
+            with self.compiles.decoding_on_prefill_graph():
+                for group in decodes_as_chunks(seqs, r.shapes, r.plans["prefill"].covering):
+                    self._run("decode", [c.seq for c in group], self._prefill_compute(group),
+                              [c.end for c in group])
+                    self.decode_steps_on_prefill += 1
             return
 
         def compute() -> tuple[Hashable, list[SampledRow]]:

@@ -192,6 +192,7 @@ def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefil
     # 7 decode tokens for each of 7 sequences, at most 3 sequences per step
     assert engine.steps["decode"] >= -(-7 * 7 // 3) and not runner.can_decode
     assert engine.stats()["decode_steps_on_prefill_graph"] == engine.steps["decode"]
+    assert engine.compiles.decodes_on_prefill_s > 0  # the ski-rental rule sees what they cost
     assert engine.compiles.compile_one(busy=False) and runner.can_decode  # idle: decode first
     assert runner.plans["decode"].compiled == [runner.plans["decode"].covering]
     seq, values = image_seq("after", [101, 9, 9], [], [7], per_image=16)
