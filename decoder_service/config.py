@@ -51,7 +51,9 @@ class DecoderConfig:
     max_chunk_tokens_while_decoding: int | None = None
     # A graph call this many times slower than the graph's best means another process computes
     # on the same cores (the encoder beside the decoder on a CPU host): the cap above halves
-    # until a call runs faster (decoder_service/graph_times.py). None: the cap never changes.
+    # until a call runs faster; on a CPU host it also halves for a step before which other
+    # threads were runnable on every core (decoder_service/graph_times.py). None: the cap never
+    # changes.
     contended_slowdown: float | None = 1.4
     max_prefill_seqs: int = 4  # prompts whose chunks share one prefill graph
     max_images_per_request: int = 4

@@ -9,8 +9,9 @@ thread (the replica's asyncio loop) may call `submit` and `abort`; both only pos
 a command on a queue and wake the engine thread, which applies it between steps,
 so a new request joins, and an aborted one frees its blocks, at the next step.
 Each sequence's chunks go to its `sink` callback, called on the engine thread.
-Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph's best
-tells the scheduler the cores are shared, and the next step carries a smaller chunk.
+Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph's best, or
+(on a CPU host) other threads runnable on every core before a step, tells the scheduler the
+cores are shared, and the step carries a smaller chunk.
 
 Graphs that start-up left out compile on the engine thread between steps, when
 `background_compiles.BackgroundCompiles` allows it (idle, or within a share of the time

@@ -7,8 +7,9 @@ the token budget (`max_num_batched_tokens` less the decode tokens, and at most
 `chunk_tokens_while_decoding` when anything decodes), so a long prompt spreads over
 steps and running sequences never wait longer than one capped chunk; a step with
 nothing decoding spends the whole budget on prompts. While the engine's graph calls run
-slower than their best (`contended`: another process computes on the same cores, as the
-encoder does beside the decoder on a CPU host; graph_times.py), the cap halves: a contended
+slower than their best, or other processes' threads wait for every core (`contended`: another
+process computes on the same cores, as the encoder does beside the decoder on a CPU host;
+graph_times.py), the cap halves: a contended
 step takes about twice as long, and would stall the running streams twice as long as the
 cap was chosen for. Chunks go first to prompts
 already started, in admission order, then to waiting requests (first come, first

@@ -34,6 +34,7 @@ from runtime.checkpoint import open_checkpoint
 from runtime.device import open_device
 from runtime.embedding_dtype import EMBEDDING_DTYPES, to_float32
 from runtime.geometry import geometry_of, tokens_per_image
+from runtime.host_cpu import HostCpu
 from runtime.messages import (
     EmbeddingMismatchError,
     GenerateChunk,
@@ -61,7 +62,8 @@ class DecoderService:
         self.model_path = str(checkpoint.path)
         self.image_token_id = geometry_of(checkpoint.config).image_token_id
         self.tokens_per_image = tokens_per_image(checkpoint)  # for the deploy's consistency check
-        self.runner = ModelRunner(config, checkpoint, open_device(config.device))
+        device = open_device(config.device)
+        self.runner = ModelRunner(config, checkpoint, device)
         self.shapes = self.runner.shapes
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         eos = checkpoint.config.text_config.eos_token_id
@@ -76,7 +78,8 @@ class DecoderService:
         self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
                              compiles=BackgroundCompiles(
                                  self.runner, share=config.background_compile_share),
-                             graph_times=GraphTimes(config.contended_slowdown))
+                             graph_times=GraphTimes(config.contended_slowdown, others_computing=(
+                                 HostCpu().others_computing if device.computes_on_host else None)))
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 

@@ -60,6 +60,12 @@ class Device:
     def is_xla(self) -> bool:
         return self.kind == "xla"
 
+    @property
+    def computes_on_host(self) -> bool:
+        """Its graphs run on the host's CPUs (eager `cpu`, or XLA's CPU backend), which the
+        replicas beside it share."""
+        return self.kind == "cpu" or (self.is_xla and os.environ.get("PJRT_DEVICE") == "CPU")
+
     def sync(self) -> None:
         """Cuts the lazy graph and runs it (xla); waits for queued kernels (cuda)."""
         if self.kind == "xla":

@@ -174,6 +174,7 @@ def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpo
         assert told == [(0, 1, runner.graphs_planned), (1, 1, runner.graphs_planned)]
         assert runner.guard.warmup_compilations >= 1 and service.stats()["graphs_compiled"] == 1
         assert not runner.can_decode
+        assert service.engine.graph_times.watches_host  # XLA on the CPU: the host's cores
         specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]
         cases = [_case(processor, model, photos, *spec) for spec in specs]
         _compare(service, cases, specs, noise=1)

@@ -77,6 +77,20 @@ def test_a_call_slower_than_its_graphs_best_marks_the_engine_contended_until_one
         DecoderConfig(model="m", contended_slowdown=0.5)
 
 
+def test_other_threads_on_every_core_mark_the_engine_contended_before_a_call_runs_slow():
+    host = HostCpu(read=lambda: None, read_running=iter([2, 3, 4, 2]).__next__, cpus=2)
+    times = GraphTimes(contended_slowdown=1.5, others_computing=host.others_computing)
+    times.record("g", 0.10)
+    times.record("g", 0.10)  # at speed
+    assert not times.contended  # the engine thread and one other: a core left
+    assert times.contended and times.contended  # two, then three others: every core shared
+    assert not times.contended and times.contended_calls == 0  # counts slow calls only
+    asked = []
+    off = GraphTimes(contended_slowdown=None, others_computing=lambda: asked.append(1) or True)
+    assert not off.contended and not asked  # None turns both signals off
+    assert times.watches_host and not off.watches_host
+
+
 class _SharedCores:
     """An engine clock under which every graph call takes 1 s, or 3 s once `shared` is set."""
 

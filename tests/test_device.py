@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from runtime.device import open_device, xla_environment
+from runtime.device import Device, open_device, xla_environment
 
 
 def test_xla_runs_on_pjrt_and_matches_eager():
@@ -23,6 +23,15 @@ def test_unknown_device_is_a_clear_error():
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         open_device("cuda")
+
+
+def test_a_device_knows_whether_it_computes_on_the_hosts_cpus(monkeypatch):
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert Device("xla", torch.device("cpu")).computes_on_host
+    assert Device("cpu", torch.device("cpu")).computes_on_host
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    assert not Device("xla", torch.device("cpu")).computes_on_host
+    assert not Device("cuda", torch.device("cpu")).computes_on_host
 
 
 def test_cpu_backend_turns_off_single_threaded_xnnpack_dots():
