@@ -75,11 +75,12 @@ class DecoderService:
                               config.enable_prefix_caching)
         scheduler = Scheduler(self.shapes, blocks, config.max_num_batched_tokens,
                               config.chunk_tokens_while_decoding)
+        host = HostCpu()  # background compiles yield to it; on a CPU device, steps watch it
         self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
                              compiles=BackgroundCompiles(
-                                 self.runner, share=config.background_compile_share),
+                                 self.runner, share=config.background_compile_share, host_cpu=host),
                              graph_times=GraphTimes(config.contended_slowdown, others_computing=(
-                                 HostCpu().others_computing if device.computes_on_host else None)))
+                                 host.others_computing if device.computes_on_host else None)))
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 
