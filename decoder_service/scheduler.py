@@ -6,20 +6,22 @@ Each step holds every decoding sequence (one token each) plus prefill chunks up 
 the token budget (`max_num_batched_tokens` less the decode tokens, and at most
 `chunk_tokens_while_decoding` when anything decodes), so a long prompt spreads over
 steps and running sequences never wait longer than one capped chunk; a step with
-nothing decoding spends the whole budget on prompts. While the engine's graph calls run
-slower than their best, or other processes' threads wait for every core (`contended`: another
-process computes on the same cores, as the encoder does beside the decoder on a CPU host;
-graph_times.py), the cap halves: a contended
-step takes about twice as long, and would stall the running streams twice as long as the
-cap was chosen for. Chunks go first to prompts
-already started, in admission order, then to waiting requests (first come, first
-served), each of which first takes its longest cached prefix. A waiting prompt whose
-next blocks a running prompt is still computing (the same image sent twice at once) is
-passed over until they are computed and cached, so the image is prefilled once; those
-behind it are admitted meanwhile. A prompt is admitted only when the pool can hold all
-of its blocks. When a decoding sequence needs a block and the pool is empty, the newest
-running sequence is preempted: its blocks are released (they stay cached) and it waits
-at the head of the queue to be computed again.
+nothing decoding spends the whole budget on prompts.
+
+While the cores are shared (`contended`: the engine's graph calls run slower than their
+best, or other processes' threads wait for every core, as the encoder's do beside the
+decoder on a CPU host; graph_times.py), the cap halves: a contended step takes about
+twice as long, and would stall the running streams twice as long as the cap was chosen
+for.
+
+Chunks go first to prompts already started, in admission order, then to waiting
+requests (first come, first served), each of which first takes its longest cached
+prefix. A waiting prompt whose next blocks a running prompt is still computing (the
+same image sent twice at once) is passed over until they are computed and cached, so
+the image is prefilled once; those behind it are admitted meanwhile. A prompt is
+admitted only when the pool can hold all of its blocks. When a decoding sequence needs
+a block and the pool is empty, the newest running sequence is preempted: its blocks are
+released (they stay cached) and it waits at the head of the queue to be computed again.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, contended: bool = False) -> ScheduledStep | None:
-        """The next step; `contended`: the engine's last graph call ran slower than its best."""
+        """The next step; `contended`: the cores are shared (the module docstring)."""
         decodes = self._schedule_decodes()
         budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
         if decodes:
