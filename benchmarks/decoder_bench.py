@@ -8,9 +8,10 @@ the first call of a shape compiles it and is reported separately. Prefill is mea
 at the step budget's chunk sizes (128 and 256 tokens, the latter with one image).
 
 `--mixed` instead measures a step that decodes a full batch (16 sequences of `--context`
-tokens) and prefills one chunk (32, 64, 128 tokens, the end of a prompt of `--context`
+tokens) and prefills one chunk (32, 41, 64, 82, 128 tokens, the end of a prompt of `--context`
 tokens): its two graphs (decode, then prefill) against one mixed graph, alternated, and
-checks both sample the same tokens.
+checks both sample the same tokens. Where the chunk's mixed bucket is a 1.5x midpoint (41
+tokens in 48, 82 in 96), the same step padded to the power-of-two bucket is timed too.
 
 `--grammar` instead measures what structured outputs cost: decode tokens/s at batch 16
 over `--grammar-steps` steps, with every row under a JSON schema (host: xgrammar fills
@@ -230,7 +231,7 @@ def mixed_steps(runner, rng, context: int, repeats: int, batch: int = 16) -> lis
         next_block += len(seq.block_table)
         seqs.append(seq)
     out = []
-    for tokens in (32, 64, 128):
+    for tokens in (32, 41, 64, 82, 128):  # 41 / 82: one / two pool questions past a cached image
         prompt = Sequence("p", rng.integers(1000, 20000, size=context).tolist(), greedy, seed=0)
         prompt.block_table = list(range(next_block, next_block + -(-context // bs)))
         chunks = [Chunk(prompt, context - tokens, context)]
@@ -244,8 +245,14 @@ def mixed_steps(runner, rng, context: int, repeats: int, batch: int = 16) -> lis
                                 vocab_size=runner.vocab_size)
         mixed = build_mixed(seqs, chunks, shapes, graph=mixed_graph, hidden_size=runner.hidden_size,
                             vocab_size=runner.vocab_size)
+        # The same step padded to the power-of-two chunk bucket: what the 1.5x midpoints save.
+        coarse_graph = (pad_to_bucket(tokens, shapes.chunk_buckets), mixed_graph[1])
+        coarse = (build_mixed(seqs, chunks, shapes, graph=coarse_graph, hidden_size=runner.hidden_size,
+                              vocab_size=runner.vocab_size) if coarse_graph != mixed_graph else None)
         runner.decode(decode), runner.prefill(prefill), runner.mixed(mixed)  # the first call compiles
-        two, one, same = [], [], True
+        if coarse:
+            runner.mixed(coarse)
+        two, one, padded, same = [], [], [], True
         for _ in range(repeats):  # alternated: drift on a shared machine
             t0 = time.perf_counter()
             apart = unpack(runner.decode(decode), batch) + unpack(runner.prefill(prefill), 1)
@@ -255,21 +262,30 @@ def mixed_steps(runner, rng, context: int, repeats: int, batch: int = 16) -> lis
             one.append(time.perf_counter() - t0)
             together = unpack(decoded, batch) + unpack(prefilled, 1)
             same &= [a.token_id for a in apart] == [b.token_id for b in together]
+            if coarse:
+                t0 = time.perf_counter()
+                runner.mixed(coarse)
+                padded.append(time.perf_counter() - t0)
         out.append({"chunk_tokens": tokens, "decode_graph": decode_graph, "prefill_graph": prefill_graph,
                     "mixed_graph": mixed_graph, "two_graphs_ms": statistics.median(two) * 1e3,
-                    "mixed_graph_ms": statistics.median(one) * 1e3, "same_tokens": same})
+                    "mixed_graph_ms": statistics.median(one) * 1e3, "same_tokens": same,
+                    "coarse_graph": coarse_graph if coarse else None,
+                    "coarse_graph_ms": statistics.median(padded) * 1e3 if coarse else None})
     return out
 
 
 def mixed_report(rows: list[dict], r: dict) -> str:
     lines = [f"decoder, {r['size']} checkpoint, {r['device']}; {r['machine']}",
              "a step decoding 16 sequences and prefilling one chunk (medians, alternated):", "",
-             "| chunk tokens | decode + prefill graphs | ms | mixed graph | ms | same tokens |",
-             "|---|---|---|---|---|---|"]
+             "| chunk tokens | decode + prefill graphs | ms | mixed graph | ms | same tokens "
+             "| padded to a power of two | ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for x in rows:
+        coarse = (f"{x['coarse_graph']} | {x['coarse_graph_ms']:.1f}" if x["coarse_graph"]
+                  else "(the same graph) | ")
         lines.append(f"| {x['chunk_tokens']} | {x['decode_graph']} + {x['prefill_graph']} | "
                      f"{x['two_graphs_ms']:.1f} | {x['mixed_graph']} | {x['mixed_graph_ms']:.1f} | "
-                     f"{x['same_tokens']} |")
+                     f"{x['same_tokens']} | {coarse} |")
     return "\n".join(lines)
 
 

@@ -15,8 +15,11 @@ these graphs, and the runtime pads to the same lists with
   midpoints included (the decodes' attention is most of what it pads: the same step on
   32 blocks instead of 24 took 115 vs 97 ms), from `DECODE_MIDPOINTS_FROM` blocks up, and
   the chunk buckets from the second (a small chunk or context padded up beside a full
-  batch costs little). Optional: a step with no compiled mixed graph that fits runs its
-  two graphs.
+  batch costs little), with 1.5x midpoints (`mixed_chunk_midpoints`): a question asked
+  about a cached image leaves a chunk of ~41 tokens, and on this CPU the step costs what
+  its padded chunk holds (16 decodes plus 41 tokens: 125 ms in a 48-token graph, 137 in
+  the 64-token one; 82 tokens: 163 vs 192 ms in 96 vs 128). Optional: a step with no
+  compiled mixed graph that fits runs its two graphs.
 
 Decode's KV-block buckets have 1.5x midpoints from `DECODE_MIDPOINTS_FROM` blocks on:
 attention (the paged gather and its two products) is ~40 % of a decode step and
@@ -61,6 +64,10 @@ class DecoderConfig:
     min_attention_len: int = 32  # smallest attended-context bucket, in tokens
     enable_prefix_caching: bool = True
     mixed_graphs: bool = True  # a full decode batch and its step's chunks share one graph
+    # The mixed family's chunk buckets also at 1.5x each (48, 96, ...): on a CPU host a mixed
+    # step costs what its padded chunk holds. On a TPU such a step is bound by reading the
+    # weights, padding costs little, and the TPU config leaves them out (fewer graphs).
+    mixed_chunk_midpoints: bool = True
     full_warmup: bool = False  # compile every graph before serving (else: the covering prefill)
     background_compile_share: float = 0.1  # under load, at most this share of time compiling
     strict_compile: bool = False
@@ -149,11 +156,30 @@ class DecoderShapes:
     def _chunk_pairs(self, chunk_buckets: tuple[int, ...],
                      block_buckets: tuple[int, ...]) -> list[tuple[int, int]]:
         pairs = []
-        for tokens in chunk_buckets:
-            i = self.chunk_buckets.index(tokens)
-            fewest = self.chunk_buckets[i - 1] + 1 if i else 1  # fewest real tokens of this bucket
+        for i, tokens in enumerate(chunk_buckets):
+            fewest = chunk_buckets[i - 1] + 1 if i else 1  # fewest real tokens of this bucket
             pairs += [(tokens, k) for k in block_buckets if k * self.block_size >= fewest]
         return pairs
+
+
+def mixed_chunk_buckets(chunk_buckets: tuple[int, ...], cap: int,
+                        midpoints: bool) -> tuple[int, ...]:
+    """The mixed family's chunk buckets: powers of two from the second prefill bucket, with
+    1.5x midpoints if asked, up to the first that holds `cap` tokens.
+
+    >>> mixed_chunk_buckets((16, 32, 64, 128, 256), 128, midpoints=True)
+    (32, 48, 64, 96, 128)
+    >>> mixed_chunk_buckets((16, 32, 64, 128, 256), 80, midpoints=True)
+    (32, 48, 64, 96)
+    >>> mixed_chunk_buckets((16, 32, 64, 128, 256), 80, midpoints=False)
+    (32, 64, 128)
+    """
+    top = pad_to_bucket(cap, chunk_buckets)
+    low = chunk_buckets[1] if len(chunk_buckets) > 1 else chunk_buckets[0]
+    if low > top:
+        return (top,)
+    family = power_of_two_buckets(top, low, midpoints_from=low if midpoints else None)
+    return family[:family.index(pad_to_bucket(cap, family)) + 1]
 
 
 def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
@@ -173,9 +199,6 @@ def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
     min_blocks = min(-(-config.min_attention_len // block_size), max_blocks)
     max_chunk = config.max_num_batched_tokens
     chunk_buckets = power_of_two_buckets(max_chunk, min(config.min_chunk_tokens, max_chunk))
-    # A step that decodes carries at most this many chunk tokens (the scheduler's cap).
-    mixed_chunk_max = pad_to_bucket(min(config.chunk_tokens_while_decoding,
-                                        max_chunk - 1), chunk_buckets)
     decode_block_buckets = power_of_two_buckets(max_blocks, min_blocks,
                                                 midpoints_from=DECODE_MIDPOINTS_FROM)
     return DecoderShapes(
@@ -190,8 +213,10 @@ def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
         block_buckets=power_of_two_buckets(max_blocks, min_blocks),
         chunk_buckets=chunk_buckets,
         mixed_batch=config.max_num_seqs if config.mixed_graphs else 0,
-        mixed_chunk_buckets=tuple(c for c in chunk_buckets[1:] or chunk_buckets
-                                  if c <= mixed_chunk_max) or (mixed_chunk_max,),
+        # A step that decodes carries at most the scheduler's cap of chunk tokens.
+        mixed_chunk_buckets=mixed_chunk_buckets(
+            chunk_buckets, min(config.chunk_tokens_while_decoding, max_chunk - 1),
+            config.mixed_chunk_midpoints),
         mixed_block_buckets=tuple(k for k in decode_block_buckets
                                   if k >= min(DECODE_MIDPOINTS_FROM, max_blocks)),
     )

@@ -18,6 +18,15 @@ def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence()
     assert shapes.num_blocks == 2**20 // TINY_KV.block_bytes(16)
     assert (64, 2) not in shapes.prefill_graphs()  # 33+ tokens never fit 2 blocks
     assert (64, 4) in shapes.prefill_graphs() and (16, 2) in shapes.prefill_graphs()
+    small = decoder_shapes(KVGeometry(12, 4, 64, 4), max_position_embeddings=1024, max_model_len=1024,
+                           max_num_seqs=16, max_num_batched_tokens=256)
+    # A step that decodes carries up to 128 chunk tokens: 41 of them pad to 48, not 64.
+    assert small.mixed_chunk_buckets == (32, 48, 64, 96, 128)
+    assert pad_to_bucket(41, small.mixed_chunk_buckets) == 48
+    assert (48, 8) in small.mixed_graphs() and small.chunk_buckets == (16, 32, 64, 128, 256)
+    assert decoder_shapes(KVGeometry(12, 4, 64, 4), max_position_embeddings=1024, max_model_len=1024,
+                          max_num_seqs=16, max_num_batched_tokens=256,
+                          mixed_chunk_midpoints=False).mixed_chunk_buckets == (32, 64, 128)
     with pytest.raises(ValueError, match="one sequence of max_model_len 256 needs 16"):
         decoder_shapes(kv_cache_bytes=TINY_KV.block_bytes(16) * 16)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
@@ -48,7 +57,13 @@ def _reachable_graphs(shapes, chunk_cap):
 @pytest.mark.parametrize("name, kv, overrides", [
     # LLaVA-1.5 at 336 px (576 tokens per image), 4096 positions, the TPU config's budget.
     ("llava-1.5-7b", LLAVA_7B_KV, dict(max_model_len=4096, max_num_seqs=16, kv_cache_bytes=16 * 2**30,
-                                       max_num_batched_tokens=512, max_images_per_request=4)),
+                                       max_num_batched_tokens=512, max_images_per_request=4,
+                                       mixed_chunk_midpoints=False)),
+    ("llava-1.5-7b, chunk midpoints", LLAVA_7B_KV, dict(
+        max_model_len=4096, max_num_seqs=16, kv_cache_bytes=16 * 2**30, max_num_batched_tokens=512)),
+    ("demo-small, cap 80", KVGeometry(12, 4, 64, 4), dict(max_model_len=1024, max_num_seqs=16,
+                                                          max_num_batched_tokens=256,
+                                                          max_chunk_tokens_while_decoding=80)),
     ("demo-tiny", TINY_KV, dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)),
     ("demo-small", KVGeometry(12, 4, 64, 4), dict(max_model_len=1024, max_num_seqs=16,
                                                   max_num_batched_tokens=256)),
