@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -43,6 +44,7 @@ from runtime.compile_guard import CompileGuard
 from runtime.device import Device
 from runtime.graph_replay import ReplayedGraph
 from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
+from runtime.memory_maps import MapBudget
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,9 @@ class ModelRunner:
         self._graphs: dict[tuple[str, tuple[int, int]], ReplayedGraph] = {}  # xla: captured
         self.warmup_seconds = 0.0  # until ready: the covering graph (or all, with full=True)
         self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
+        # XLA:CPU maps memory for every kernel it compiles (runtime/memory_maps.py).
+        self.map_budget = MapBudget() if device.is_xla and device.computes_on_host else None
+        self.compiles_stopped = False  # out of memory maps: serve on the graphs compiled
 
     def _device_inputs(self, x: StepInputs, prefix: str = "") -> dict[str, torch.Tensor]:
         """A step's host arrays as device tensors, by field name (sampling rows' prefixed;
@@ -248,16 +253,26 @@ class ModelRunner:
         else:
             family = PrefillInputs if kind == "prefill" else MixedInputs
             inputs = family.padding(*graph, self.shapes, self.hidden_size, self.vocab_size)
-        with self.guard.compiling():
-            self._execute(kind, inputs).cpu()  # captured, then run once as a step runs it
-        self.plans[kind].mark_compiled(graph)
+        with self.map_budget.measure() if self.map_budget else nullcontext():
+            with self.guard.compiling():
+                self._execute(kind, inputs).cpu()  # captured, then run once as a step runs it
+            self.plans[kind].mark_compiled(graph)
         self.compile_seconds[kind, graph] = seconds = time.perf_counter() - t0
         log.info("decoder:   -- %s %s: %.2f s (%d of %d graphs)", kind, graph, seconds,
                  self.graphs_compiled, self.graphs_planned)
 
     def compile_next(self) -> bool:
-        """Compiles the graph `next_to_compile` names; False when none is left."""
-        pending = next_to_compile(self.plans)
+        """Compiles the graph `next_to_compile` names; False when none is left, or when the
+        process lacks the memory maps for more (then it never compiles again: every step fits
+        a compiled graph by padding up, the covering prefill graph at worst)."""
+        pending = None if self.compiles_stopped else next_to_compile(self.plans)
+        if pending is not None and self.map_budget and not self.map_budget.allows_another():
+            self.compiles_stopped = True
+            log.warning("decoder: not compiling the other %d graphs: %s; raise vm.max_map_count "
+                        "(sysctl) to compile them. Steps pad up to the %d compiled graphs.",
+                        self.graphs_planned - self.graphs_compiled, self.map_budget.describe(),
+                        self.graphs_compiled)
+            pending = None
         if pending is not None:
             self._compile(*pending)
         return pending is not None

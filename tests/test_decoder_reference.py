@@ -196,6 +196,45 @@ def test_serves_token_exact_before_and_after_background_compilation(tiny_checkpo
         service.shutdown()
 
 
+def test_out_of_memory_maps_the_decoder_stops_compiling_and_serves_on_the_graphs_it_has(
+        tiny_checkpoint, reference_llava, photos, monkeypatch, caplog):
+    """XLA:CPU maps memory for every kernel it compiles; past vm.max_map_count a compile hangs
+    (runtime/memory_maps.py). Here the budget says each graph takes 1,000 of 4,000 maps: two
+    graphs compile in the background after the covering one, then none, with a warning, and
+    steps stay token-exact on those three, padded up, with no compile inside a step."""
+    import logging
+    import time
+
+    from decoder_service.config import DecoderConfig
+    from decoder_service.runner import ModelRunner
+    from decoder_service.service import DecoderService
+    from runtime.memory_maps import MapBudget
+    from runtime.object_store import LocalObjectStore
+
+    processor, model = reference_llava
+    monkeypatch.setattr(ModelRunner, "compile_next", lambda self: False)  # until the budget is in
+    service = DecoderService(DecoderConfig(
+        model=str(tiny_checkpoint), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+        strict_compile=True), LocalObjectStore())
+    try:
+        runner = service.runner
+        assert runner.map_budget is not None  # XLA on the CPU
+        runner.map_budget = MapBudget(limit=4000, margin=0, count=lambda: 1000 * runner.graphs_compiled)
+        with caplog.at_level(logging.WARNING, logger="decoder_service.runner"):
+            monkeypatch.undo()
+            deadline = time.monotonic() + 120
+            while not runner.compiles_stopped and time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert runner.compiles_stopped and runner.graphs_compiled == 3 < runner.graphs_planned
+        assert "raise vm.max_map_count" in caplog.text
+        specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]
+        _compare(service, [_case(processor, model, photos, *spec) for spec in specs], specs, noise=1)
+        assert not runner.compile_next() and runner.graphs_compiled == 3
+        assert runner.guard.compilations_after_warmup == 0
+    finally:
+        service.shutdown()
+
+
 def test_a_bfloat16_decoder_follows_transformers_in_bfloat16(tiny_checkpoint, reference_llava, photos):
     """`dtype: bfloat16` (weights, KV cache, rotary tables; embeddings widened from bfloat16)
     against transformers' LLaVA loaded in bfloat16. bfloat16 logits come in steps of 1/32 at
