@@ -266,16 +266,17 @@ class ModelRunner:
         process lacks the memory maps for more (then it never compiles again: every step fits
         a compiled graph by padding up, the covering prefill graph at worst)."""
         pending = None if self.compiles_stopped else next_to_compile(self.plans)
-        if pending is not None and self.map_budget and not self.map_budget.allows_another():
+        if pending is None:
+            return False
+        if self.map_budget and not self.map_budget.allows_another():
             self.compiles_stopped = True
             log.warning("decoder: not compiling the other %d graphs: %s; raise vm.max_map_count "
                         "(sysctl) to compile them. Steps pad up to the %d compiled graphs.",
                         self.graphs_planned - self.graphs_compiled, self.map_budget.describe(),
                         self.graphs_compiled)
-            pending = None
-        if pending is not None:
-            self._compile(*pending)
-        return pending is not None
+            return False
+        self._compile(*pending)
+        return True
 
     def warm_up(self, full: bool = False, progress: WarmupProgress | None = None) -> None:
         """Compiles the prefill family's covering graph (every step can run on it), then marks
