@@ -121,8 +121,7 @@ def main() -> None:
             seq.block_table = list(range(next_block, next_block + -(-context // bs)))
             next_block += len(seq.block_table)
             seqs.append(seq)
-        graph = tuple(pad_to_bucket(n, b) for n, b in zip(
-            decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.decode_block_buckets)))
+        graph = shapes.decode_graph_for(decode_need(seqs, shapes))
         inputs = build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
         host_t0 = time.perf_counter()
         build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size)
@@ -186,9 +185,7 @@ def grammar_decode(runner, checkpoint, device, steps: int, rng, batch: int = 16)
             seq.block_table = list(range(next_block, next_block + -(-(context + steps) // shapes.block_size)))
             next_block += len(seq.block_table)
             seqs.append(seq)
-        graph = tuple(pad_to_bucket(n, b) for n, b in zip(
-            (batch, -(-(128 + batch + steps) // shapes.block_size)),
-            (shapes.decode_batch_buckets, shapes.decode_block_buckets)))
+        graph = shapes.decode_graph_for((batch, -(-(128 + batch + steps) // shapes.block_size)))
         runner.decode(build_decode(seqs, shapes, graph=graph, vocab_size=runner.vocab_size))  # compile
         host_s, t0 = 0.0, time.perf_counter()
         for _ in range(steps):
@@ -235,9 +232,9 @@ def mixed_steps(runner, rng, context: int, repeats: int, batch: int = 16) -> lis
         prompt = Sequence("p", rng.integers(1000, 20000, size=context).tolist(), greedy, seed=0)
         prompt.block_table = list(range(next_block, next_block + -(-context // bs)))
         chunks = [Chunk(prompt, context - tokens, context)]
-        decode_graph, prefill_graph, mixed_graph = (
+        decode_graph = shapes.decode_graph_for(decode_need(seqs, shapes))
+        prefill_graph, mixed_graph = (
             tuple(pad_to_bucket(n, b) for n, b in zip(need, buckets)) for need, buckets in (
-                (decode_need(seqs, shapes), (shapes.decode_batch_buckets, shapes.decode_block_buckets)),
                 (prefill_need(chunks, shapes), (shapes.chunk_buckets, shapes.block_buckets)),
                 (mixed_need(seqs, chunks, shapes), (shapes.mixed_chunk_buckets, shapes.mixed_block_buckets))))
         decode = build_decode(seqs, shapes, graph=decode_graph, vocab_size=runner.vocab_size)

@@ -24,7 +24,11 @@ these graphs, and the runtime pads to the same lists with
 Decode's KV-block buckets have 1.5x midpoints from `DECODE_MIDPOINTS_FROM` blocks on:
 attention (the paged gather and its two products) is ~40 % of a decode step and
 scales with the blocks attended, and contexts just past a power of two (a 300-token
-prompt: 19 blocks) padded to the next one attended up to twice what they hold. Prefill
+prompt: 19 blocks) padded to the next one attended up to twice what they hold. Only
+for batches of `DECODE_MIDPOINT_BATCH` sequences or more: attention scales with the
+batch too, and below it a midpoint saved at most 1 ms of a 19-28 ms step on this CPU
+(4 sequences: 1.2-3.0 ms of 26-34; 8: 1.9-7.0 of 33-56), and nothing on a TPU, where
+a small batch reads the weights; each would cost a graph per block bucket. Prefill
 keeps plain powers of two: its cost is mostly the chunk's tokens, not its context.
 """
 
@@ -36,6 +40,7 @@ from runtime.buckets import pad_to_bucket, power_of_two_buckets
 
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 DECODE_MIDPOINTS_FROM = 8  # blocks; below it a midpoint saves little and costs a graph per batch
+DECODE_MIDPOINT_BATCH = 4  # sequences; smaller decode batches pad to plain powers of two
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ class DecoderShapes:
     num_blocks: int  # in the pool, the null block (0) included
     max_chunk_tokens: int  # prefill tokens one step may hold (less its decode tokens)
     decode_batch_buckets: tuple[int, ...]  # sequences per decode step
-    decode_block_buckets: tuple[int, ...]  # KV blocks attended per sequence in a decode step
+    decode_block_buckets: tuple[int, ...]  # KV blocks attended per sequence, large decode batches
     block_buckets: tuple[int, ...]  # KV blocks of context per prefill step
     chunk_buckets: tuple[int, ...]  # prefill tokens per step
     mixed_batch: int  # decode rows of a mixed graph (0: no mixed family)
@@ -137,9 +142,25 @@ class DecoderShapes:
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.block_size)
 
+    def decode_blocks_for(self, batch: int) -> tuple[int, ...]:
+        """The KV-block buckets of decode graphs of `batch` sequences (a batch bucket): with
+        midpoints from `DECODE_MIDPOINT_BATCH` sequences, plain powers of two below.
+
+        >>> shapes = derive_shapes(DecoderConfig(model="m", max_model_len=256, max_num_seqs=4),
+        ...                        256, KVGeometry(num_layers=2, num_kv_heads=1, head_dim=8, dtype_bytes=4))
+        >>> shapes.decode_blocks_for(2), shapes.decode_blocks_for(4)
+        ((2, 4, 8, 16), (2, 4, 8, 12, 16))
+        """
+        return self.decode_block_buckets if batch >= DECODE_MIDPOINT_BATCH else self.block_buckets
+
+    def decode_graph_for(self, need: tuple[int, int]) -> tuple[int, int]:
+        """The decode graph a step of `need` (sequences, blocks) pads to, every graph compiled."""
+        batch = pad_to_bucket(need[0], self.decode_batch_buckets)
+        return batch, pad_to_bucket(need[1], self.decode_blocks_for(batch))
+
     def decode_graphs(self) -> list[tuple[int, int]]:
         """(batch, blocks) pairs: every pair is reachable."""
-        return [(b, k) for b in self.decode_batch_buckets for k in self.decode_block_buckets]
+        return [(b, k) for b in self.decode_batch_buckets for k in self.decode_blocks_for(b)]
 
     def prefill_graphs(self) -> list[tuple[int, int]]:
         """(chunk tokens, context blocks) pairs. A chunk's tokens sit in its context, so a pair
@@ -201,6 +222,10 @@ def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
     chunk_buckets = power_of_two_buckets(max_chunk, min(config.min_chunk_tokens, max_chunk))
     decode_block_buckets = power_of_two_buckets(max_blocks, min_blocks,
                                                 midpoints_from=DECODE_MIDPOINTS_FROM)
+    block_buckets = power_of_two_buckets(max_blocks, min_blocks)
+    # The mixed family's decode rows are a full batch: its blocks follow decode's at that batch.
+    mixed_blocks = (decode_block_buckets if config.max_num_seqs >= DECODE_MIDPOINT_BATCH
+                    else block_buckets)
     return DecoderShapes(
         max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,
@@ -210,13 +235,12 @@ def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
         max_chunk_tokens=max_chunk,
         decode_batch_buckets=power_of_two_buckets(config.max_num_seqs),
         decode_block_buckets=decode_block_buckets,
-        block_buckets=power_of_two_buckets(max_blocks, min_blocks),
+        block_buckets=block_buckets,
         chunk_buckets=chunk_buckets,
         mixed_batch=config.max_num_seqs if config.mixed_graphs else 0,
         # A step that decodes carries at most the scheduler's cap of chunk tokens.
         mixed_chunk_buckets=mixed_chunk_buckets(
             chunk_buckets, min(config.chunk_tokens_while_decoding, max_chunk - 1),
             config.mixed_chunk_midpoints),
-        mixed_block_buckets=tuple(k for k in decode_block_buckets
-                                  if k >= min(DECODE_MIDPOINTS_FROM, max_blocks)),
+        mixed_block_buckets=tuple(k for k in mixed_blocks if k >= min(DECODE_MIDPOINTS_FROM, max_blocks)),
     )

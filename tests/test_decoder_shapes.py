@@ -6,6 +6,7 @@ import pytest
 
 from decoder_service.config import DecoderConfig, KVGeometry
 from runtime.buckets import pad_to_bucket
+from runtime.graphs import GraphPlan
 from tests.fake_decoder import LLAVA_7B_KV, TINY_KV, decoder_shapes
 
 
@@ -14,6 +15,9 @@ def test_shapes_follow_the_config_and_refuse_a_pool_too_small_for_one_sequence()
     assert shapes.decode_batch_buckets == (1, 2, 4)
     assert shapes.block_buckets == (2, 4, 8, 16)  # 32..256 tokens of context
     assert shapes.decode_block_buckets == (2, 4, 8, 12, 16)  # 1.5x midpoints from 8 blocks
+    # ... for batches of 4 or more: below, attention is too small a share of a step
+    assert (4, 12) in shapes.decode_graphs() and (2, 12) not in shapes.decode_graphs()
+    assert shapes.decode_blocks_for(2) == shapes.block_buckets
     assert shapes.chunk_buckets == (16, 32, 64)
     assert shapes.num_blocks == 2**20 // TINY_KV.block_bytes(16)
     assert (64, 2) not in shapes.prefill_graphs()  # 33+ tokens never fit 2 blocks
@@ -42,9 +46,8 @@ def _reachable_graphs(shapes, chunk_cap):
     scheduler enforces) are anything between; mixed steps: a full decode batch (its bucket is
     the largest) beside 1..`chunk_cap` chunk tokens, the blocks bucket holding both."""
     bs, top = shapes.block_size, shapes.max_blocks_per_seq
-    decode = {(pad_to_bucket(n, shapes.decode_batch_buckets),
-               pad_to_bucket(k, shapes.decode_block_buckets))
-              for n in range(1, shapes.max_num_seqs + 1) for k in range(1, top + 1)}
+    decode = {shapes.decode_graph_for((n, k)) for n in range(1, shapes.max_num_seqs + 1)
+              for k in range(1, top + 1)}
     prefill = {(pad_to_bucket(c, shapes.chunk_buckets), pad_to_bucket(k, shapes.block_buckets))
                for c in range(1, shapes.max_chunk_tokens + 1) for k in range(-(-c // bs), top + 1)}
     fewest_decodes = shapes.decode_batch_buckets[-2] + 1 if len(shapes.decode_batch_buckets) > 1 else 1
@@ -75,6 +78,12 @@ def test_warm_up_covers_every_shape_the_runtime_can_produce(name, kv, overrides)
     cap = DecoderConfig(model="unused", **overrides).chunk_tokens_while_decoding
     decode, prefill, mixed = _reachable_graphs(shapes, cap)
     assert decode == set(shapes.decode_graphs()), name
+    # and the runtime, picking the cheapest compiled graph that fits, picks that same graph
+    plan = GraphPlan(shapes.decode_graphs())
+    for graph in plan.planned:
+        plan.mark_compiled(graph)
+    assert all(plan.fit((n, k)) == shapes.decode_graph_for((n, k))
+               for n in range(1, shapes.max_num_seqs + 1) for k in range(1, shapes.max_blocks_per_seq + 1))
     assert prefill == set(shapes.prefill_graphs()), name
     assert mixed == set(shapes.mixed_graphs()) and shapes.mixed_batch == shapes.max_num_seqs, name
     print(f"{name}: {len(decode)} decode + {len(prefill)} prefill + {len(mixed)} mixed graphs")
