@@ -130,6 +130,7 @@ class Engine:
                 "decode_steps_on_prefill_graph": self.decode_steps_on_prefill,
                 "graphs_compiled": self.runner.graphs_compiled,
                 "graphs_planned": self.runner.graphs_planned,
+                "compiles_stopped": self.runner.compiles_stopped,
                 "compilations_after_warmup": self.runner.guard.compilations_after_warmup}
 
     # --- engine thread ----------------------------------------------------------------

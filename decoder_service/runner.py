@@ -140,7 +140,7 @@ class ModelRunner:
         self.compile_seconds: dict[tuple[str, tuple[int, int]], float] = {}
         # XLA:CPU maps memory for every kernel it compiles (runtime/memory_maps.py).
         self.map_budget = MapBudget() if device.is_xla and device.computes_on_host else None
-        self.compiles_stopped = False  # out of memory maps: serve on the graphs compiled
+        self.compiles_stopped: str | None = None  # why no more graphs compile (out of memory maps)
 
     def _device_inputs(self, x: StepInputs, prefix: str = "") -> dict[str, torch.Tensor]:
         """A step's host arrays as device tensors, by field name (sampling rows' prefixed;
@@ -269,11 +269,10 @@ class ModelRunner:
         if pending is None:
             return False
         if self.map_budget and not self.map_budget.allows_another():
-            self.compiles_stopped = True
-            log.warning("decoder: not compiling the other %d graphs: %s; raise vm.max_map_count "
-                        "(sysctl) to compile them. Steps pad up to the %d compiled graphs.",
-                        self.graphs_planned - self.graphs_compiled, self.map_budget.describe(),
-                        self.graphs_compiled)
+            self.compiles_stopped = f"{self.map_budget.describe()}; raise vm.max_map_count (sysctl)"
+            log.warning("decoder: not compiling the other %d graphs: %s to compile them. Steps "
+                        "pad up to the %d compiled graphs.", self.graphs_planned - self.graphs_compiled,
+                        self.compiles_stopped, self.graphs_compiled)
             return False
         self._compile(*pending)
         return True

@@ -244,9 +244,10 @@ class RouterServer:
             return http_api.error_for(exc)
         except Exception as exc:  # noqa: BLE001: any other failure means not ready yet
             return http_api.error_response(503, f"not ready: {type(exc).__name__}: {exc}", "unavailable")
-        # Ready once the covering graphs are in; the rest keep compiling in the background.
+        # Ready once the covering graphs are in; the rest keep compiling in the background
+        # (`compiles_stopped` says why they will not, when a replica stopped short of them).
         return {"status": "ok", **{half: {key: stats[half].get(key) for key in (
-            "graphs_compiled", "graphs_planned", "compilations_after_warmup")}
+            "graphs_compiled", "graphs_planned", "compilations_after_warmup", "compiles_stopped")}
             for half in ("encoder", "decoder")}}
 
     def _starting(self):

@@ -71,6 +71,7 @@ class FakeRunner:
         self.compile_seconds = {("prefill", self.plans["prefill"].covering): 0.0}
         self.fail_next: str | None = None  # "decode", "prefill" or "mixed": that call raises once
         self.graphs_planned = sum(len(p.planned) for p in self.plans.values())
+        self.compiles_stopped: str | None = None  # the real runner's: it never runs out of maps
 
     @property
     def graphs_compiled(self) -> int:

@@ -227,6 +227,7 @@ def test_out_of_memory_maps_the_decoder_stops_compiling_and_serves_on_the_graphs
                 time.sleep(0.2)
         assert runner.compiles_stopped and runner.graphs_compiled == 3 < runner.graphs_planned
         assert "raise vm.max_map_count" in caplog.text
+        assert service.stats()["compiles_stopped"].startswith("3000 of vm.max_map_count 4000 memory maps")
         specs = [("What is in this picture?", 1, 12), ("Tell me a story.", 0, 16), ("Two?", 2, 8)]
         _compare(service, [_case(processor, model, photos, *spec) for spec in specs], specs, noise=1)
         assert not runner.compile_next() and runner.graphs_compiled == 3
