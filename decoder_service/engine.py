@@ -11,7 +11,9 @@ so a new request joins, and an aborted one frees its blocks, at the next step.
 Each sequence's chunks go to its `sink` callback, called on the engine thread.
 Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph's best, or
 (on a CPU host) other threads runnable on every core before a step, tells the scheduler the
-cores are shared, and the step carries a smaller chunk.
+cores are shared, and the step carries a smaller chunk. A step carrying a chunk beside
+decodes holds `chunk_gate` (on a CPU host): an encoder beside it starts its next batch after
+the step, not during it (runtime/chunk_step_gate.py).
 
 Graphs that start-up left out compile on the engine thread between steps, when
 `background_compiles.BackgroundCompiles` allows it (idle, or within a share of the time
@@ -30,6 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from decoder_service.background_compiles import BackgroundCompiles
@@ -47,6 +50,7 @@ from decoder_service.inputs import (
 from decoder_service.sampler import SampledRow, unpack
 from decoder_service.scheduler import Chunk, Scheduler
 from decoder_service.sequence import Sequence
+from runtime.chunk_step_gate import ChunkStepGate
 from runtime.messages import GenerateChunk, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -72,8 +76,10 @@ class Request:
 class Engine:
     def __init__(self, runner, scheduler: Scheduler, tokenizer, eos_token_id: int, *,
                  compiles: BackgroundCompiles | None = None, graph_times: GraphTimes | None = None,
+                 chunk_gate: ChunkStepGate | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.runner = runner
+        self.chunk_gate = chunk_gate  # held through steps carrying a chunk beside decodes
         self.compiles = compiles or BackgroundCompiles(runner)
         self.graph_times = graph_times or GraphTimes(contended_slowdown=None)
         self._clock = clock  # times graph calls
@@ -175,11 +181,13 @@ class Engine:
         step = self.scheduler.schedule(contended=self.graph_times.contended)
         if step is None:
             return False
-        if not (step.decodes and step.chunks and self._run_fused(step.decodes, step.chunks)):
-            if step.decodes:
-                self._run_decodes(step.decodes)
-            if step.chunks:
-                self._run_chunks(step.chunks)
+        gated = self.chunk_gate is not None and step.decodes and step.chunks
+        with self.chunk_gate.chunk_step() if gated else nullcontext():
+            if not (step.decodes and step.chunks and self._run_fused(step.decodes, step.chunks)):
+                if step.decodes:
+                    self._run_decodes(step.decodes)
+                if step.chunks:
+                    self._run_chunks(step.chunks)
         self.steps["mixed"] += bool(step.decodes and step.chunks)
         return True
 

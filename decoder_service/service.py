@@ -31,6 +31,7 @@ from decoder_service.runner import ModelRunner
 from decoder_service.scheduler import Scheduler
 from decoder_service.sequence import Sequence, image_spans
 from runtime.checkpoint import open_checkpoint
+from runtime.chunk_step_gate import ChunkStepGate
 from runtime.device import open_device
 from runtime.embedding_dtype import EMBEDDING_DTYPES, to_float32
 from runtime.geometry import geometry_of, tokens_per_image
@@ -80,7 +81,8 @@ class DecoderService:
                              compiles=BackgroundCompiles(
                                  self.runner, share=config.background_compile_share, host_cpu=host),
                              graph_times=GraphTimes(config.contended_slowdown, others_computing=(
-                                 host.others_computing if device.computes_on_host else None)))
+                                 host.others_computing if device.computes_on_host else None)),
+                             chunk_gate=ChunkStepGate() if device.computes_on_host else None)
         self.engine.start()
         self._active: set[str] = set()  # request ids being generated (touched on one event loop)
 

@@ -36,6 +36,7 @@ from encoder_service.preprocess import ImageRejected, Preprocessor, load_image_p
 from encoder_service.runner import EncoderRunner
 from encoder_service.vision_model import load_vision_encoder
 from runtime.checkpoint import open_checkpoint
+from runtime.chunk_step_gate import ChunkStepGate
 from runtime.compile_guard import CompileGuard
 from runtime.device import open_device
 from runtime.host_cpu import HostCpu
@@ -77,7 +78,9 @@ class EncoderService:
         self._cache = EmbeddingCache(config.encoder_cache_bytes,
                                      on_evict=(lambda ref: drop(ref.object_ref)) if drop else None)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
-        self._batcher = Batcher(self._runner.run, max_items=config.max_batch_items,
+        # On a CPU host a batch starts between the decoder's chunk-carrying steps.
+        self._gate = ChunkStepGate() if device.computes_on_host else None
+        self._batcher = Batcher(self._run_batch, max_items=config.max_batch_items,
                                 wait_s=config.batch_wait_s, name="encoder",
                                 on_idle=self._compile_when_host_spares)
         self._item_errors = 0
@@ -88,6 +91,11 @@ class EncoderService:
     @property
     def is_ready(self) -> bool:
         return self._batcher.is_alive
+
+    def _run_batch(self, pixels: list) -> list:
+        if self._gate is not None:
+            self._gate.wait_for_gap()
+        return self._runner.run(pixels)
 
     def _compile_when_host_spares(self) -> bool:
         """The batcher's idle work: one more bucket, unless the host's CPUs are busy (replicas
@@ -145,7 +153,8 @@ class EncoderService:
 
     def stats(self) -> dict:
         return {**self._cache.stats(), **self._runner.stats(), "item_errors": self._item_errors,
-                "batches": self._batcher.batches, "batched_items": self._batcher.items}
+                "batches": self._batcher.batches, "batched_items": self._batcher.items,
+                "waited_for_chunk_steps_s": self._gate.waited_s if self._gate else 0.0}
 
     def close(self) -> None:
         self._batcher.close()
