@@ -151,7 +151,7 @@ class DecoderShapes:
         >>> shapes.decode_blocks_for(2), shapes.decode_blocks_for(4)
         ((2, 4, 8, 16), (2, 4, 8, 12, 16))
         """
-        return self.decode_block_buckets if batch >= DECODE_MIDPOINT_BATCH else self.block_buckets
+        return _blocks_for_batch(batch, self.decode_block_buckets, self.block_buckets)
 
     def decode_graph_for(self, need: tuple[int, int]) -> tuple[int, int]:
         """The decode graph a step of `need` (sequences, blocks) pads to, every graph compiled."""
@@ -181,6 +181,12 @@ class DecoderShapes:
             fewest = chunk_buckets[i - 1] + 1 if i else 1  # fewest real tokens of this bucket
             pairs += [(tokens, k) for k in block_buckets if k * self.block_size >= fewest]
         return pairs
+
+
+def _blocks_for_batch(batch: int, with_midpoints: tuple[int, ...],
+                      plain: tuple[int, ...]) -> tuple[int, ...]:
+    """Decode's KV-block buckets at `batch` sequences (`DecoderShapes.decode_blocks_for`)."""
+    return with_midpoints if batch >= DECODE_MIDPOINT_BATCH else plain
 
 
 def mixed_chunk_buckets(chunk_buckets: tuple[int, ...], cap: int,
@@ -224,8 +230,7 @@ def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
                                                 midpoints_from=DECODE_MIDPOINTS_FROM)
     block_buckets = power_of_two_buckets(max_blocks, min_blocks)
     # The mixed family's decode rows are a full batch: its blocks follow decode's at that batch.
-    mixed_blocks = (decode_block_buckets if config.max_num_seqs >= DECODE_MIDPOINT_BATCH
-                    else block_buckets)
+    mixed_blocks = _blocks_for_batch(config.max_num_seqs, decode_block_buckets, block_buckets)
     return DecoderShapes(
         max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,

@@ -116,6 +116,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.chunk_gate is not None and not self.is_alive:  # else a step may still hold it
+            self.chunk_gate.close()
 
     @property
     def is_alive(self) -> bool:
@@ -181,14 +183,14 @@ class Engine:
         step = self.scheduler.schedule(contended=self.graph_times.contended)
         if step is None:
             return False
-        gated = self.chunk_gate is not None and step.decodes and step.chunks
-        with self.chunk_gate.chunk_step() if gated else nullcontext():
-            if not (step.decodes and step.chunks and self._run_fused(step.decodes, step.chunks)):
+        mixed = bool(step.decodes and step.chunks)
+        with self.chunk_gate.chunk_step() if mixed and self.chunk_gate else nullcontext():
+            if not (mixed and self._run_fused(step.decodes, step.chunks)):
                 if step.decodes:
                     self._run_decodes(step.decodes)
                 if step.chunks:
                     self._run_chunks(step.chunks)
-        self.steps["mixed"] += bool(step.decodes and step.chunks)
+        self.steps["mixed"] += mixed
         return True
 
     def _run_fused(self, seqs: list[Sequence], chunks: list[Chunk]) -> bool:

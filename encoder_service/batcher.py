@@ -61,6 +61,11 @@ class Batcher:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
+    @property
+    def worker_ended(self) -> bool:
+        """The worker thread has returned: no batch runs or will run."""
+        return not self._thread.is_alive()
+
     def submit(self, item: Any) -> Future:
         future: Future = Future()
         with self._close_lock:

@@ -159,6 +159,8 @@ class EncoderService:
     def close(self) -> None:
         self._batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._gate is not None and self._batcher.worker_ended:  # else a batch may still wait on it
+            self._gate.close()
 
     def _keys(self, images: list[bytes]) -> list[str | ImageRejected]:
         """Cache keys, or why an image is refused before it is even hashed (type, size)."""

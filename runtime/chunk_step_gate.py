@@ -67,4 +67,6 @@ class ChunkStepGate:
         return waited
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
