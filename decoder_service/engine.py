@@ -13,7 +13,9 @@ Each graph call is timed (`graph_times.GraphTimes`); a call well above its graph
 (on a CPU host) other threads runnable on every core before a step, tells the scheduler the
 cores are shared, and the step carries a smaller chunk. A step carrying a chunk beside
 decodes holds `chunk_gate` (on a CPU host): an encoder beside it starts its next batch after
-the step, not during it (runtime/chunk_step_gate.py).
+the step, not during it (runtime/chunk_step_gate.py). Once an encoder has announced a batch,
+the scheduler may size the step for it instead (`ScheduledStep.beside_encoder`), and such a
+step does not hold the gate.
 
 Graphs that start-up left out compile on the engine thread between steps, when
 `background_compiles.BackgroundCompiles` allows it (idle, or within a share of the time
@@ -180,11 +182,13 @@ class Engine:
     def step(self) -> bool:
         """One engine step; False when there was nothing to do."""
         self._drain_inbox()
-        step = self.scheduler.schedule(contended=self.graph_times.contended)
+        gate = self.chunk_gate
+        step = self.scheduler.schedule(contended=self.graph_times.contended,
+                                       encoder_busy=gate is not None and gate.encoder_busy())
         if step is None:
             return False
         mixed = bool(step.decodes and step.chunks)
-        with self.chunk_gate.chunk_step() if mixed and self.chunk_gate else nullcontext():
+        with gate.chunk_step() if mixed and gate and not step.beside_encoder else nullcontext():
             if not (mixed and self._run_fused(step.decodes, step.chunks)):
                 if step.decodes:
                     self._run_decodes(step.decodes)

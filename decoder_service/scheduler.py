@@ -12,7 +12,11 @@ While the cores are shared (`contended`: the engine's graph calls run slower tha
 best, or other processes' threads wait for every core, as the encoder's do beside the
 decoder on a CPU host; graph_times.py), the cap halves: a contended step takes about
 twice as long, and would stall the running streams twice as long as the cap was chosen
-for.
+for. An encoder on the same host that has announced a batch (`encoder_busy`,
+runtime/chunk_step_gate.py) halves it too, once at least half the decode batch runs: the
+step is then marked `beside_encoder` and does not make the encoder wait. With fewer
+streams running, the prompts filling the batch go first: the step keeps its whole chunk
+and the encoder waits for it.
 
 Chunks go first to prompts already started, in admission order, then to waiting
 requests (first come, first served), each of which first takes its longest cached
@@ -56,6 +60,7 @@ class Chunk:
 class ScheduledStep:
     decodes: list[Sequence]
     chunks: list[Chunk]
+    beside_encoder: bool = False  # sized for an encoder batch computing beside it
 
 
 class Scheduler:
@@ -77,13 +82,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, contended: bool = False) -> ScheduledStep | None:
-        """The next step; `contended`: the cores are shared (the module docstring)."""
+    def schedule(self, contended: bool = False, encoder_busy: bool = False) -> ScheduledStep | None:
+        """The next step; `contended`: the cores are shared; `encoder_busy`: an encoder on
+        this host computes a batch or is about to (the module docstring)."""
         decodes = self._schedule_decodes()
+        beside_encoder = encoder_busy and 2 * len(decodes) >= self.shapes.max_num_seqs
         budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
         if decodes:
             cap = self.chunk_tokens_while_decoding
-            budget = min(budget, max(1, cap // 2) if contended else cap)
+            budget = min(budget, max(1, cap // 2) if contended or beside_encoder else cap)
         chunks: list[Chunk] = []
         context_blocks = 0
         for seq in self.running:
@@ -118,7 +125,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(passed_over))  # they keep their places
         if not decodes and not chunks:
             return None
-        return ScheduledStep(decodes, chunks)
+        return ScheduledStep(decodes, chunks, beside_encoder)
 
     def finish(self, seq: Sequence) -> None:
         """Releases a finished or aborted sequence's blocks, wherever it is."""

@@ -93,9 +93,10 @@ class EncoderService:
         return self._batcher.is_alive
 
     def _run_batch(self, pixels: list) -> list:
-        if self._gate is not None:
-            self._gate.wait_for_gap()
-        return self._runner.run(pixels)
+        if self._gate is None:
+            return self._runner.run(pixels)
+        with self._gate.encoding():
+            return self._runner.run(pixels)
 
     def _compile_when_host_spares(self) -> bool:
         """The batcher's idle work: one more bucket, unless the host's CPUs are busy (replicas

@@ -82,8 +82,8 @@ def record_steps(engine) -> list[tuple[bool, int, int]]:
     steps = []
     schedule = engine.scheduler.schedule
 
-    def recording(contended=False):
-        step = schedule(contended=contended)
+    def recording(contended=False, encoder_busy=False):
+        step = schedule(contended=contended, encoder_busy=encoder_busy)
         if step is not None:
             steps.append((contended, len(step.decodes), sum(c.num_tokens for c in step.chunks)))
         return step
