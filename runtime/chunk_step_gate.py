@@ -91,7 +91,9 @@ class ChunkStepGate:
             fcntl.flock(self._encoding_fd, fcntl.LOCK_UN)
 
     def encoder_busy(self) -> bool:
-        """The decoder's side: an encoder on this host computes a batch or waits to."""
+        """The decoder's side: an encoder on this host computes a batch or waits to. (Two
+        decoders asking at the same instant see each other's try as a batch: one step is then
+        sized for an encoder that is not there.)"""
         try:
             fcntl.flock(self._encoding_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
