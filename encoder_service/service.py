@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 from encoder_service.anyres import AnyresLayout, TilePreprocessor, pack
 from encoder_service.batcher import Batcher
@@ -93,9 +94,7 @@ class EncoderService:
         return self._batcher.is_alive
 
     def _run_batch(self, pixels: list) -> list:
-        if self._gate is None:
-            return self._runner.run(pixels)
-        with self._gate.encoding():
+        with self._gate.encoding() if self._gate else nullcontext():
             return self._runner.run(pixels)
 
     def _compile_when_host_spares(self) -> bool:

@@ -2,6 +2,7 @@
 harness of the decoder's host-side tests (tests/test_decoder_units.py, test_decoder_steps.py)."""
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,16 +77,23 @@ def tokens_of(chunks):
     return [t for c in chunks for t in c.token_ids]
 
 
-def record_steps(engine) -> list[tuple[bool, int, int]]:
-    """From now on, each step the engine's scheduler makes: (contended, decoding sequences,
-    chunk tokens)."""
+class RecordedStep(NamedTuple):
+    contended: bool
+    decodes: int  # decoding sequences
+    chunk_tokens: int
+    beside_encoder: bool  # sized for an announced encoder batch
+
+
+def record_steps(engine) -> list[RecordedStep]:
+    """From now on, each step the engine's scheduler makes."""
     steps = []
     schedule = engine.scheduler.schedule
 
     def recording(contended=False, encoder_busy=False):
         step = schedule(contended=contended, encoder_busy=encoder_busy)
         if step is not None:
-            steps.append((contended, len(step.decodes), sum(c.num_tokens for c in step.chunks)))
+            steps.append(RecordedStep(contended, len(step.decodes),
+                                      sum(c.num_tokens for c in step.chunks), step.beside_encoder))
         return step
     engine.scheduler.schedule = recording
     return steps

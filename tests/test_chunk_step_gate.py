@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 
 from runtime.chunk_step_gate import ChunkStepGate
-from tests.decoder_harness import fake_engine, plain_seq, run_to_end, submit, tokens_of
+from tests.decoder_harness import fake_engine, plain_seq, record_steps, run_to_end, submit, tokens_of
 from tests.fake_decoder import expected_tokens
 
 
@@ -104,22 +104,19 @@ def test_the_engine_holds_the_gate_through_exactly_the_steps_with_a_chunk_beside
 def test_an_announced_encoder_batch_halves_the_chunk_beside_half_a_decode_batch_and_is_not_waited_for():
     engine, runner = fake_engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32, max_num_seqs=4)
     engine.chunk_gate = gate = RecordingGate(runner, busy=True)
-    sized = []
-    schedule = engine.scheduler.schedule
+    steps = record_steps(engine)
 
-    def recording(contended=False, encoder_busy=False):
-        step = schedule(contended=contended, encoder_busy=encoder_busy)
-        if step is not None and step.decodes and step.chunks:
-            sized.append((len(step.decodes), sum(c.num_tokens for c in step.chunks), step.beside_encoder))
-        return step
-    engine.scheduler.schedule = recording
+    def mixed():  # (decodes, chunk tokens, beside_encoder) of the steps with both
+        return [(s.decodes, s.chunk_tokens, s.beside_encoder) for s in steps if s.decodes and s.chunk_tokens]
+
     first = submit(engine, plain_seq("a", [101, 5, 6]))
     engine.step()  # its prompt alone
     second = submit(engine, plain_seq("b", [101] * 40))
     engine.step()  # one decode of 4: the prompt filling the batch keeps its whole chunk
-    assert sized == [(1, 32, False)] and len(gate.held) == 1
+    assert mixed() == [(1, 32, False)] and len(gate.held) == 1
     long = submit(engine, plain_seq("long", [101] * 100))
     run_to_end(engine)
+    sized = mixed()
     beside = [s for s in sized if s[2]]
     assert beside and all(d >= 2 and tokens <= 16 for d, tokens, _ in beside)
     assert all(tokens <= 32 and (d >= 2) == b for d, tokens, b in sized)

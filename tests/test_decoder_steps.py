@@ -49,8 +49,8 @@ def test_a_step_that_decodes_carries_at_most_the_chunk_cap_and_one_that_does_not
     run_to_end(engine)
     assert tokens_of(out_short) == expected_tokens(short_values, 8)
     assert tokens_of(out_long) == expected_tokens(long_values, 8)
-    beside_decodes = [chunk for _, decodes, chunk in steps if decodes and chunk]
-    alone = [chunk for _, decodes, chunk in steps if not decodes and chunk]
+    beside_decodes = [s.chunk_tokens for s in steps if s.decodes and s.chunk_tokens]
+    alone = [s.chunk_tokens for s in steps if not s.decodes and s.chunk_tokens]
     assert beside_decodes and max(beside_decodes) == 16  # the long prompt, while short decodes
     assert max(alone) == 64  # once short is done: the whole budget
 
@@ -124,12 +124,12 @@ def test_while_graph_calls_run_slow_a_step_that_decodes_carries_half_the_chunk_c
     run_to_end(engine)
     for (_, values), out in zip([(short, short_values), *longs], outs):
         assert tokens_of(out) == expected_tokens(values, 8)
-    beside = [(contended, chunk) for contended, decodes, chunk in steps if decodes and chunk]
+    beside = [(s.contended, s.chunk_tokens) for s in steps if s.decodes and s.chunk_tokens]
     assert max(chunk for contended, chunk in beside if not contended) == 32
     contended_chunks = [chunk for contended, chunk in beside if contended]
     assert contended_chunks and max(contended_chunks) == 16
     assert engine.stats()["contended_graph_calls"] > 0
-    alone = [chunk for contended, decodes, chunk in steps if contended and not decodes and chunk]
+    alone = [s.chunk_tokens for s in steps if s.contended and not s.decodes and s.chunk_tokens]
     assert not alone or max(alone) > 16  # nothing decoding: no stream waits, the budget stays
 
 
