@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--device", default="xla")
     parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16],
+                        help="decode batch sizes, comma-separated")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grammar", action="store_true", help="the JSON-schema bitmask's cost")
     parser.add_argument("--mixed", action="store_true", help="two graphs vs one for a mixed step")
@@ -113,7 +115,7 @@ def main() -> None:
     if args.mixed:
         print(mixed_report(mixed_steps(runner, rng, args.context, args.repeats), results))
         return
-    for batch in (1, 4, 16):
+    for batch in args.batches:
         seqs, next_block = [], 1
         for i in range(batch):  # each sequence owns its own blocks: no sharing flatters the step
             context = args.context + i + 1
