@@ -25,6 +25,11 @@ def copy_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse `type`: comma-separated integers ("1,4,16")."""
+    return [int(part) for part in text.split(",")]
+
+
 def machine() -> dict:
     """The machine and the versions a result depends on (every benchmark records these)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
-from benchmarks.common import copy_bandwidth_gbps, machine, machine_line  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbps, int_list, machine, machine_line  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
 from decoder_service.inputs import (  # noqa: E402
     build_decode,
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--device", default="xla")
     parser.add_argument("--context", type=int, default=256, help="tokens already in each sequence")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16],
+    parser.add_argument("--batches", type=int_list, default=[1, 4, 16],
                         help="decode batch sizes, comma-separated")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grammar", action="store_true", help="the JSON-schema bitmask's cost")

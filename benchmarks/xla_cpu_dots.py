@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine, machine_line  # noqa: E402
+from benchmarks.common import int_list, machine, machine_line  # noqa: E402
 from runtime.device import xla_environment  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS = 768, 2048, 12
@@ -66,8 +66,7 @@ def median_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=lambda s: [int(m) for m in s.split(",")],
-                        default=[1, 2, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 16, 32, 64, 128])
     parser.add_argument("--layout", choices=("rows", "columns", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
@@ -77,28 +76,28 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    # torch's [out, in] convention; `rows` stores the transpose.
+    # torch's [out, in] convention; the row layout (and eager) stores the transpose.
     weights = [tuple(torch.randn(o, i) / 30 for o, i in
                      ((INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)))
                for _ in range(LAYERS)]
+    eager_weights = [tuple(w.t().contiguous() for w in ws) for ws in weights]
     device = torch_xla.device()
     layouts = ("rows", "columns") if args.layout == "both" else (args.layout,)
     on_device = {
-        "rows": (chain_rows, [tuple(w.t().contiguous().to(device) for w in ws) for ws in weights]),
+        "rows": (chain_rows, [tuple(w.to(device) for w in ws) for ws in eager_weights]),
         "columns": (chain_columns, [tuple(w.to(device) for w in ws) for ws in weights]),
     }
-    eager_weights = [tuple(w.t().contiguous() for w in ws) for ws in weights]
 
-    m = machine()
-    print(f"{m['cpu']}; {machine_line(m)}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+    host = machine()
+    print(f"{host['cpu']}; {machine_line(host)}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
     print("| rows | eager ms | " + " | ".join(f"XLA {n} ms | {n} max abs diff" for n in layouts) + " |")
     print("|---" * (2 + 2 * len(layouts)) + "|")
-    for m in args.rows:
-        x = torch.randn(m, HIDDEN)
+    for rows in args.rows:
+        x = torch.randn(rows, HIDDEN)
         with torch.no_grad():
             reference = chain_rows(x, eager_weights)
             eager = median_ms(lambda: chain_rows(x, eager_weights), args.repeats)
-        cells = [f"{m}", f"{eager:.1f}"]
+        cells = [f"{rows}", f"{eager:.1f}"]
         xd = x.to(device)
         for name in layouts:
             fn, ws = on_device[name]
