@@ -6,7 +6,8 @@ these graphs, and the runtime pads to the same lists with
 
 - decode: (sequences per step, KV blocks attended per sequence);
 - prefill: (chunk tokens per step, KV blocks of context over the step's prompts);
-- mixed: a full decode batch (the largest batch bucket) and prompt chunks in one graph,
+- mixed: a full decode batch (the largest batch bucket; half a batch or more pads up to it)
+  and prompt chunks in one graph,
   keyed (chunk tokens, KV blocks): the chunk buckets a step that decodes may carry, and
   one blocks bucket for both halves, at least the longest decode context and the chunks'
   context. A mixed step on two graphs reads every weight twice and pays two calls' fixed

@@ -2,9 +2,9 @@
 
 Threads: `start()` launches one engine thread that loops `schedule() -> run ->
 postprocess`. Each step runs the decode graph over every decoding sequence, hands
-their tokens out, then runs the prefill graph over the step's chunks; a step with a
-full decode batch and chunks runs both on one mixed graph when one is compiled that
-fits (`ModelRunner.mixed_graph_for`), the same tokens for one call's cost. Any other
+their tokens out, then runs the prefill graph over the step's chunks; a step with at
+least half a decode batch and chunks runs both on one mixed graph, padded up, when one
+is compiled that fits (`ModelRunner.mixed_graph_for`), the same tokens for one call. Any other
 thread (the replica's asyncio loop) may call `submit` and `abort`; both only post
 a command on a queue and wake the engine thread, which applies it between steps,
 so a new request joins, and an aborted one frees its blocks, at the next step.

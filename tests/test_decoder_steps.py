@@ -170,10 +170,11 @@ def test_a_full_batch_and_a_chunk_share_one_mixed_graph_with_the_sametokens_of()
     assert engine_off.stats()["mixed_steps"] == engine.stats()["mixed_steps"]
 
 
-def test_a_batch_below_the_mixed_bucket_or_a_graph_not_yet_compiled_runs_two_graphs():
+def test_a_batch_below_half_the_mixed_rows_or_a_graph_not_yet_compiled_runs_two_graphs():
     engine, runner = fake_engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32)
     assert runner.mixed_graph_for(3, (32, 8)) == (32, 8)
-    assert runner.mixed_graph_for(2, (32, 8)) is None  # 2 decodes: bucket 2, not the full 4
+    assert runner.mixed_graph_for(2, (32, 8)) == (32, 8)  # half the mixed rows: padded up
+    assert runner.mixed_graph_for(1, (32, 8)) is None  # 1 decode: bucket 1, below half of 4
     assert runner.mixed_graph_for(4, (64, 8)) is None  # more chunk tokens than a mixed step holds
     runner.plans["mixed"].compiled.clear()
     assert runner.mixed_graph_for(4, (32, 8)) is None
@@ -186,6 +187,23 @@ def test_a_batch_below_the_mixed_bucket_or_a_graph_not_yet_compiled_runs_two_gra
     assert tokens_of(out_short) == expected_tokens(short_values, 8)
     assert tokens_of(out_long) == expected_tokens(long_values, 8)
     assert "mixed" not in {kind for kind, _ in runner.graphs} and engine.stats()["mixed_steps"] > 0
+
+
+def test_half_a_batch_decoding_beside_a_chunk_runs_padded_on_one_mixed_graph():
+    """Two graphs would hold the decodes' next token back by the prefill graph and the whole
+    next step; half a batch or more pads up to the mixed graph instead, with the same tokens."""
+    engine, runner = fake_engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32)
+    assert runner.shapes.mixed_batch == 4
+    shorts = [image_seq(f"s{i}", [101, 5 + i, 6], [], [7], per_image=16) for i in range(2)]
+    outs = [submit(engine, seq) for seq, _ in shorts]
+    engine.step()  # both prefilled together; they decode from the next step on
+    long, long_values = image_seq("long", [101] * 30, ["a", "b"], [9] * 90)
+    outs.append(submit(engine, long))
+    engine.step()  # 2 decodes (bucket 2: half of 4) and the long prompt's first chunk
+    assert runner.graphs[-1][0] == "mixed" and engine.stats()["fused_steps"] == 1
+    run_to_end(engine)
+    for (_, values), out in zip([*shorts, (long, long_values)], outs):
+        assert tokens_of(out) == expected_tokens(values, 8)
 
 
 def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefill_graph():
