@@ -69,7 +69,7 @@ class DecoderConfig:
     min_chunk_tokens: int = 16  # smallest prefill-chunk bucket
     min_attention_len: int = 32  # smallest attended-context bucket, in tokens
     enable_prefix_caching: bool = True
-    mixed_graphs: bool = True  # a full decode batch and its step's chunks share one graph
+    mixed_graphs: bool = True  # half a decode batch or more and its step's chunks share one graph
     # The mixed family's chunk buckets also at 1.5x each (48, 96, ...): on a CPU host a mixed
     # step costs what its padded chunk holds. On a TPU such a step is bound by reading the
     # weights, padding costs little, and the TPU config leaves them out (fewer graphs).

@@ -7,8 +7,9 @@ Three entry points, each traced into one graph per bucket pair:
   and to earlier positions. A chunk thus sees its cached prefix and earlier chunks.
 - `decode`: one token for each of `[B]` sequences, attending over its block table
   `[B, M]`, masked to its context length.
-- `mixed`: both in one pass, for a step that decodes a full batch and also prefills:
-  the B + C rows go through each weight once; only attention is split in two.
+- `mixed`: both in one pass, for a step that decodes half a batch or more (padded to B)
+  and also prefills: the B + C rows go through each weight once; only attention is split
+  in two.
 Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
 so greedy tokens match `LlavaForConditionalGeneration.generate`.

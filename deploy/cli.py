@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="never reuse KV blocks across requests")
     serve.add_argument("--no-mixed-graphs", action="store_true",
                        help="run a step that decodes and prefills as two graphs (fewer graphs to "
-                            "compile; by default a full batch and its chunks share one)")
+                            "compile; by default half a batch or more and its chunks share one)")
     serve.add_argument("--encoder-cpu-priority", choices=CPU_PRIORITIES,
                        help="'idle': once warm, the encoder replicas compute only on CPU time the "
                        "decoder leaves (smoother streams, slower new images, where both share the "
