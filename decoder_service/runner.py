@@ -100,11 +100,9 @@ def mixed_graph_for(plans: dict[str, GraphPlan], shapes: DecoderShapes, decodes:
     the mixed graphs' rows, or none compiled that fits.
 
     A batch of at least half runs padded up to the mixed graph's rows: on two graphs its
-    streams' next token would wait for the prefill graph and then the whole next step (on the
-    2-core CPU, 8 decodes: 121 ms, then 185 for the chunk and 262 for the next step, ~450 ms
-    between tokens against one 262-ms mixed step), and there the two cost about the same
-    (decode 8 + prefill 64 tokens ~140 ms, the mixed graph ~140). A smaller batch keeps its
-    two graphs: padding it costs more, for fewer streams."""
+    streams' next token would wait for the prefill graph and then the whole next step, and
+    there the two cost about the same. A smaller batch keeps its two graphs: padding it costs
+    more, for fewer streams. The measurements: docs/decoder.md, "Why half a batch pads up"."""
     plan = plans.get("mixed")
     if plan is None or 2 * pad_to_bucket(decodes, shapes.decode_batch_buckets) < shapes.mixed_batch:
         return None
