@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from runtime.cpu_priority import CPU_PRIORITIES
+from runtime.cpu_priority import CPU_PRIORITIES, RELAY_CPU_POLICIES, policy_for_all_threads
 
 APP_NAME = "splitserve"
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # generous: the 7B model compiles every bucket on one chip
@@ -22,6 +22,16 @@ def _demo_checkpoint(args: argparse.Namespace) -> int:
     name = "LLaVA-NeXT" if args.family == "next" else "LLaVA-1.5"
     print(f"wrote a {args.size} random-weight {name} checkpoint (seed {args.seed}) to {path}")
     return 0
+
+
+def relay_cpu_policy(args: argparse.Namespace, environ) -> str:
+    """The scheduling policy of this process and of the local Ray it starts, whose compute
+    replicas return to the normal one (runtime/cpu_priority.py). "batch" by default where the
+    replicas compute on this host's CPU; a cluster joined with --address keeps its own."""
+    if args.relay_cpu_policy:
+        return args.relay_cpu_policy
+    on_cpu = args.device == "cpu" or (args.device == "xla" and environ.get("PJRT_DEVICE") == "CPU")
+    return "batch" if on_cpu and not args.address else "normal"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -72,6 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.device import xla_environment
 
     os.environ.update(xla_environment(os.environ))
+    relay_policy = relay_cpu_policy(args, os.environ)
+    if relay_policy != "normal":
+        policy_for_all_threads(relay_policy)  # the local Ray's processes inherit it
     checker = ThreadPoolExecutor(1, thread_name_prefix="check-deploy")
     checking = checker.submit(build_app, app_args)
     checker.shutdown(wait=False)  # the submitted check still runs; the thread ends after it
@@ -257,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'idle': once warm, the encoder replicas compute only on CPU time the "
                        "decoder leaves (smoother streams, slower new images, where both share the "
                        "host's cores: the CPU backend); default 'normal'")
+    serve.add_argument("--relay-cpu-policy", choices=RELAY_CPU_POLICIES,
+                       help="scheduling policy of everything but the compute replicas (this "
+                       "process, Ray's and Serve's processes, the router) in the local Ray it "
+                       "starts: 'batch' never preempts a compute thread when it wakes. Default "
+                       "'batch' where the model computes on this host's CPU, else 'normal'")
     serve.add_argument("--compile-cache", metavar="DIR",
                        help="torch_xla's persistent compilation cache root (default "
                        "$XDG_CACHE_HOME/splitserve/xla), used where the backend can reload "

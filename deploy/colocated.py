@@ -15,6 +15,7 @@ from deploy.metrics import DECODER_SERIES, ENCODER_SERIES, StatsExporter
 from encoder_service.config import EncoderConfig
 from runtime.messages import EmbeddingRef, GenerateChunk, GenerateRequest, ItemError
 from deploy.warmup_progress import for_this_replica
+from runtime.cpu_priority import restore_compute_policy
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -23,6 +24,7 @@ from runtime.object_store import RayObjectStore
 class ColocatedServer:
     def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig,
                  compile_cache: str | None = None) -> None:
+        restore_compute_policy()  # before it starts threads of its own (runtime/cpu_priority.py)
         defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
         # Once per process, before anything compiles: both halves share the process's cache.
         cache = enable_persistent_cache(compile_cache, "colocated", device_kind=decoder.device,

@@ -22,6 +22,7 @@ from decoder_service.config import DecoderConfig
 from deploy.autoscaling import TOKENS_IN_FLIGHT
 from deploy.metrics import DECODER_SERIES, StatsExporter, hit_rate
 from deploy.warmup_progress import for_this_replica
+from runtime.cpu_priority import restore_compute_policy
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.messages import GenerateChunk, GenerateRequest
@@ -40,6 +41,7 @@ def decoder_info(service: DecoderService) -> dict:
 
 class DecoderServer:
     def __init__(self, config: DecoderConfig, compile_cache: str | None = None) -> None:
+        restore_compute_policy()  # before it starts threads of its own (runtime/cpu_priority.py)
         defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
         cache = enable_persistent_cache(compile_cache, "decoder", device_kind=config.device,
                                         defer_check=True)  # first: before anything compiles

@@ -18,7 +18,7 @@ from encoder_service.config import EncoderConfig
 from deploy.metrics import ENCODER_SERIES, Series, StatsExporter, hit_rate
 from runtime.messages import EmbeddingRef, ItemError
 from deploy.warmup_progress import for_this_replica
-from runtime.cpu_priority import idle_policy_for_all_threads
+from runtime.cpu_priority import idle_policy_for_all_threads, restore_compute_policy
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -31,6 +31,7 @@ IN_FLIGHT_SERIES = Series("splitserve_encoder_images_in_flight", ("images_in_fli
 
 class EncoderServer:
     def __init__(self, config: EncoderConfig | dict, compile_cache: str | None = None) -> None:
+        restore_compute_policy()  # before it starts threads of its own (runtime/cpu_priority.py)
         if isinstance(config, dict):
             config = EncoderConfig(**config)
         defer_unused_imports()  # before torch_xla and transformers (runtime/lean_imports.py)
