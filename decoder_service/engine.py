@@ -46,7 +46,7 @@ from decoder_service.inputs import (
     build_prefill,
     decode_need,
     decodes_as_chunks,
-    mixed_need,
+    fit_mixed,
     prefill_need,
 )
 from decoder_service.sampler import SampledRow, unpack
@@ -94,7 +94,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # mixed: steps that decode and prefill; fused: those of them run on one mixed graph
-        self.steps = {"prefill": 0, "decode": 0, "mixed": 0, "fused": 0}
+        # "deferring": fused steps that left chunks for the next step (`_run_fused`)
+        self.steps = {"prefill": 0, "decode": 0, "mixed": 0, "fused": 0, "deferring": 0}
         self.decode_steps_on_prefill = 0  # decode steps run on the prefill graph (none compiled)
         self.tokens_generated = 0
         self.prompt_tokens = 0  # prompt (and recomputed) tokens run through prefill
@@ -137,6 +138,7 @@ class Engine:
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.tokens_generated,
                 "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
                 "mixed_steps": self.steps["mixed"], "fused_steps": self.steps["fused"],
+                "fused_steps_deferring_chunks": self.steps["deferring"],
                 "decode_steps_on_prefill_graph": self.decode_steps_on_prefill,
                 "graphs_compiled": self.runner.graphs_compiled,
                 "graphs_planned": self.runner.graphs_planned,
@@ -198,12 +200,18 @@ class Engine:
         return True
 
     def _run_fused(self, seqs: list[Sequence], chunks: list[Chunk]) -> bool:
-        """Runs a step's decodes and chunks on one mixed graph; False (nothing run) when no
-        compiled one fits."""
+        """Runs a step's decodes and chunks on one mixed graph, leaving for the next step the
+        chunks no compiled graph has room for (`inputs.fit_mixed`); False (nothing run) when
+        no compiled one fits even part of them."""
         r = self.runner
-        graph = r.mixed_graph_for(len(seqs), mixed_need(seqs, chunks, r.shapes)) if r.can_decode else None
-        if graph is None:
+        fitted = None
+        if r.can_decode:
+            fitted = fit_mixed(seqs, chunks, r.shapes, lambda need: r.mixed_graph_for(len(seqs), need))
+        if fitted is None:
             return False
+        graph, carried = fitted
+        self.steps["deferring"] += carried != chunks
+        chunks = carried
         self.prompt_tokens += sum(c.num_tokens for c in chunks)
 
         def compute() -> tuple[Hashable, list[SampledRow]]:

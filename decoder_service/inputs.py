@@ -13,6 +13,7 @@ the device does one `where`, with no shape that depends on where images are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +134,33 @@ def mixed_need(seqs: list[Sequence], chunks: list[Chunk], shapes: DecoderShapes)
     both the longest decode context and the chunks' context."""
     tokens, blocks = prefill_need(chunks, shapes)
     return tokens, max(blocks, decode_need(seqs, shapes)[1])
+
+
+def fit_mixed(seqs: list[Sequence], chunks: list[Chunk], shapes: DecoderShapes,
+              graph_for: Callable[[tuple[int, int]], tuple[int, int] | None],
+              ) -> tuple[tuple[int, int], list[Chunk]] | None:
+    """The mixed graph a step of `seqs` decodes and `chunks` runs on (`graph_for`: the compiled
+    one that fits a need, or None), and the chunks it carries.
+
+    All of them when a graph fits. Where none does (its graph is still compiling, or stayed
+    out for want of memory maps), the longest leading run of chunks that fits, or else the
+    first chunk cut to a smaller chunk bucket of at least half its tokens: what is left out
+    runs in the next step. A step that fits no mixed graph runs as two graph calls, which
+    costs every running stream ~80 ms on the development CPU (docs/decoder.md, "The step");
+    a chunk left for the next step delays one prompt by a step. None when even that fails."""
+    for n in range(len(chunks), 0, -1):
+        graph = graph_for(mixed_need(seqs, chunks[:n], shapes))
+        if graph is not None:
+            return graph, chunks[:n]
+    first = chunks[0]
+    for tokens in sorted(shapes.mixed_chunk_buckets, reverse=True):
+        if not first.num_tokens / 2 <= tokens < first.num_tokens:
+            continue
+        cut = [Chunk(first.seq, first.start, first.start + tokens)]
+        graph = graph_for(mixed_need(seqs, cut, shapes))
+        if graph is not None:
+            return graph, cut
+    return None
 
 
 def decodes_as_chunks(seqs: list[Sequence], shapes: DecoderShapes,

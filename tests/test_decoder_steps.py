@@ -206,6 +206,69 @@ def test_half_a_batch_decoding_beside_a_chunk_runs_padded_on_one_mixed_graph():
         assert tokens_of(out) == expected_tokens(values, 8)
 
 
+def _decoding(engine, count):
+    """`count` short sequences, prefilled by one step; they decode from the next one on."""
+    work = [image_seq(f"s{i}", [101, 5 + i, 6], [], [7]) for i in range(count)]
+    outs = [submit(engine, seq) for seq, _ in work]
+    engine.step()
+    return work, outs
+
+
+def test_chunks_no_compiled_mixed_graph_holds_wait_a_step_instead_of_splitting_it_in_two():
+    """Two prompts asking about cached images need more context blocks than any compiled mixed
+    graph holds (their graph still compiling, or out of memory maps): the step carries the
+    first, the second waits one step, and no step runs as two graphs."""
+    engine, runner = fake_engine(kv_cache_bytes=2**20, max_num_seqs=8,
+                                 max_chunk_tokens_while_decoding=32)
+    value_of = {"a": 5000, "b": 7000}
+    seeds = [image_seq(f"seed-{k}", [101] * 15, [k], [7], per_image=100, value_of=value_of)
+             for k in "ab"]
+    for seq, _ in seeds:
+        submit(engine, seq)
+    run_to_end(engine)  # both images' blocks are cached
+    mixed = runner.plans["mixed"]
+    mixed.compiled[:] = [g for g in mixed.compiled if g[1] <= 8]  # one prompt's context at most
+    work, outs = _decoding(engine, 4)
+    asks = [image_seq(f"ask-{k}", [101] * 15, [k], [8, 9], per_image=100, value_of=value_of)
+            for k in "ab"]
+    outs += [submit(engine, seq) for seq, _ in asks]
+    first = len(runner.graphs)
+    engine.step()
+    assert runner.graphs[first:] == [("mixed", (32, 8))]
+    assert [seq.num_computed for seq, _ in asks] == [117, 112]  # the second: its cached prefix
+    assert engine.stats()["fused_steps_deferring_chunks"] == 1
+    engine.step()
+    assert runner.graphs[first + 1:] == [("mixed", (32, 8))] and asks[1][0].num_computed == 117
+    run_to_end(engine)
+    assert "prefill" not in {kind for kind, _ in runner.graphs[first:]}
+    for (_, values), out in zip([*work, *asks], outs):
+        assert tokens_of(out) == expected_tokens(values, 8)
+
+
+def test_a_chunk_too_large_for_the_compiled_mixed_graphs_is_cut_to_one_that_fits():
+    engine, runner = fake_engine(kv_cache_bytes=2**20, max_num_seqs=8, max_num_batched_tokens=128,
+                                 max_chunk_tokens_while_decoding=64)
+    assert runner.shapes.mixed_chunk_buckets == (32, 48, 64)
+    mixed = runner.plans["mixed"]
+    mixed.compiled[:] = [g for g in mixed.compiled if g[0] != 64]
+    work, outs = _decoding(engine, 4)
+    long, long_values = image_seq("long", [101] * 30, ["a"], [9] * 20, per_image=100)
+    outs.append(submit(engine, long))
+    first = len(runner.graphs)
+    engine.step()  # a 64-token chunk: 48 of it fits, half or more
+    assert runner.graphs[first:] == [("mixed", (48, 8))] and long.num_computed == 48
+    mixed.compiled[:] = [g for g in mixed.compiled if g[0] == 32]
+    engine.step()  # 32: half of the next 64, the least a cut keeps
+    assert runner.graphs[first + 1:] == [("mixed", (32, 8))] and long.num_computed == 80
+    mixed.compiled.clear()
+    engine.step()  # no mixed graph at all: two
+    assert [kind for kind, _ in runner.graphs[first + 2:]] == ["decode", "prefill"]
+    assert long.num_computed == 144 and engine.stats()["fused_steps_deferring_chunks"] == 2
+    run_to_end(engine)
+    for (_, values), out in zip([*work, (long, long_values)], outs):
+        assert tokens_of(out) == expected_tokens(values, 8)
+
+
 def test_before_decode_graphs_exist_decodes_run_as_chunks_on_the_covering_prefill_graph():
     """A replica serves on one graph: decodes are one-token chunks, a few sequences per step,
     until the engine compiles the decode graph (here: when idle), and outputs stay exact."""
