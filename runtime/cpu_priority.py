@@ -5,7 +5,7 @@ relays on the same cores. Two policies follow from what was measured on the 2-co
 machine (docs/benchmarks.md, Issue 13):
 
 **Relays yield to compute** (`RELAY_CPU_POLICIES`, default "batch" there). The router, Serve's
-proxy and controller and Ray's own processes move requests and tokens; they took ~0.25 of the 2
+proxy and controller and Ray's own processes move requests and tokens; they took ~0.23 of the 2
 cores while serving, and each of their wake-ups preempted a compute thread of the decoder: its
 served steps ran 15-20 % slower than the same graphs alone. Under `SCHED_BATCH` a waking
 thread does not preempt the running one; it runs when a compute thread sleeps or its slice
