@@ -18,7 +18,7 @@ from encoder_service.config import EncoderConfig
 from deploy.metrics import ENCODER_SERIES, Series, StatsExporter, hit_rate
 from runtime.messages import EmbeddingRef, ItemError
 from deploy.warmup_progress import for_this_replica
-from runtime.cpu_priority import idle_policy_for_all_threads, restore_compute_policy
+from runtime.cpu_priority import policy_for_all_threads, restore_compute_policy
 from runtime.lean_imports import defer_unused_imports
 from runtime.compile_cache import enable_persistent_cache, record_smoke_check_in_background
 from runtime.object_store import RayObjectStore
@@ -50,7 +50,7 @@ class EncoderServer:
         self._metrics = StatsExporter("encoder", self.stats, ENCODER_SERIES + (IN_FLIGHT_SERIES,),
                                       buckets=True)
         if config.cpu_priority == "idle":  # once warm: compiling at idle priority delays readiness
-            threads = idle_policy_for_all_threads()
+            threads = policy_for_all_threads("idle")
             logging.getLogger(__name__).info("encoder: %d threads under SCHED_IDLE", threads)
 
     async def encode(self, images: list[bytes], request_id: str | None = None, *,

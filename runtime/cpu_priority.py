@@ -6,13 +6,13 @@ machine (docs/benchmarks.md, Issue 13):
 
 **Relays yield to compute** (`RELAY_CPU_POLICIES`, default "batch" there). The router, Serve's
 proxy and controller and Ray's own processes move requests and tokens; they took ~0.23 of the 2
-cores while serving, and each of their wake-ups preempted a compute thread of the decoder: its
-served steps ran 15-20 % slower than the same graphs alone. Under `SCHED_BATCH` a waking
+cores while serving, and each of their wake-ups could preempt a compute thread of the decoder,
+whose served steps ran 15-20 % slower than the same graphs alone. Under `SCHED_BATCH` a waking
 thread does not preempt the running one; it runs when a compute thread sleeps or its slice
 ends, and it still gets its share. (`SCHED_IDLE` for them starved the router: first tokens
 came 1 s later and the image pool ran slower.) `splitserve serve` puts itself under the relay
 policy before it starts a local Ray, whose processes inherit it; the compute replicas
-(`restore_compute_policy`) return to the normal policy before they start any thread.
+(`restore_compute_policy`) return to the normal policy before they start threads of their own.
 
 **The encoder may go idle** (`CPU_PRIORITIES`, `EncoderConfig.cpu_priority`). While the encoder
 encoded, the decoder got ~0.9 of its usual ~1.4 cores and its steps took twice as long, which
@@ -49,10 +49,6 @@ def policy_for_all_threads(name: str) -> int:
             continue
         count += 1
     return count
-
-
-def idle_policy_for_all_threads() -> int:
-    return policy_for_all_threads("idle")
 
 
 def restore_compute_policy() -> bool:

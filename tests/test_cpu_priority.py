@@ -12,12 +12,12 @@ from encoder_service.config import EncoderConfig
 
 CHILD = """
 import os, threading
-from runtime.cpu_priority import idle_policy_for_all_threads
+from runtime.cpu_priority import policy_for_all_threads
 started = threading.Event(); stop = threading.Event()
 def wait():
     started.set(); stop.wait()
 before = threading.Thread(target=wait, daemon=True); before.start(); started.wait()
-count = idle_policy_for_all_threads()
+count = policy_for_all_threads("idle")
 seen = {}
 def later():
     seen["later"] = os.sched_getscheduler(0)
@@ -78,8 +78,8 @@ def test_ray_processes_inherit_the_relay_policy_and_a_compute_replica_returns_to
 
 
 def test_a_policy_the_replica_did_not_inherit_from_the_cli_stays():
-    idle_child = ("import os\nfrom runtime.cpu_priority import idle_policy_for_all_threads, "
-                  "restore_compute_policy\nidle_policy_for_all_threads()\n"
+    idle_child = ("import os\nfrom runtime.cpu_priority import policy_for_all_threads, "
+                  "restore_compute_policy\npolicy_for_all_threads('idle')\n"
                   "print(restore_compute_policy(), os.sched_getscheduler(0) == os.SCHED_IDLE)")
     out = subprocess.run([sys.executable, "-c", idle_child], capture_output=True, text=True,
                          check=True, timeout=60,
