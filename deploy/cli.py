@@ -28,10 +28,11 @@ def relay_cpu_policy(args: argparse.Namespace, environ) -> str:
     """The scheduling policy of this process and of the local Ray it starts, whose compute
     replicas return to the normal one (runtime/cpu_priority.py). "batch" by default where the
     replicas compute on this host's CPU; a cluster joined with --address keeps its own."""
+    from runtime.device import computes_on_host
+
     if args.relay_cpu_policy:
         return args.relay_cpu_policy
-    on_cpu = args.device == "cpu" or (args.device == "xla" and environ.get("PJRT_DEVICE") == "CPU")
-    return "batch" if on_cpu and not args.address else "normal"
+    return "batch" if computes_on_host(args.device, environ) and not args.address else "normal"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -51,6 +51,12 @@ def xla_environment(environ: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def computes_on_host(kind: str, environ) -> bool:
+    """A device of `kind` runs its graphs on the host's CPUs (eager `cpu`, or XLA's CPU
+    backend as `environ` names it), which the replicas beside it share."""
+    return kind == "cpu" or (kind == "xla" and environ.get("PJRT_DEVICE") == "CPU")
+
+
 @dataclass(frozen=True)
 class Device:
     kind: str
@@ -62,9 +68,8 @@ class Device:
 
     @property
     def computes_on_host(self) -> bool:
-        """Its graphs run on the host's CPUs (eager `cpu`, or XLA's CPU backend), which the
-        replicas beside it share."""
-        return self.kind == "cpu" or (self.is_xla and os.environ.get("PJRT_DEVICE") == "CPU")
+        """Its graphs run on the host's CPUs (`computes_on_host`)."""
+        return computes_on_host(self.kind, os.environ)
 
     def sync(self) -> None:
         """Cuts the lazy graph and runs it (xla); waits for queued kernels (cuda)."""
