@@ -189,14 +189,20 @@ def test_a_batch_below_half_the_mixed_rows_or_a_graph_not_yet_compiled_runs_two_
     assert "mixed" not in {kind for kind, _ in runner.graphs} and engine.stats()["mixed_steps"] > 0
 
 
+def _decoding(engine, count):
+    """`count` short sequences, prefilled by one step; they decode from the next one on."""
+    work = [image_seq(f"s{i}", [101, 5 + i, 6], [], [7]) for i in range(count)]
+    outs = [submit(engine, seq) for seq, _ in work]
+    engine.step()
+    return work, outs
+
+
 def test_half_a_batch_decoding_beside_a_chunk_runs_padded_on_one_mixed_graph():
     """Two graphs would hold the decodes' next token back by the prefill graph and the whole
     next step; half a batch or more pads up to the mixed graph instead, with the same tokens."""
     engine, runner = fake_engine(kv_cache_bytes=2**20, max_chunk_tokens_while_decoding=32)
     assert runner.shapes.mixed_batch == 4
-    shorts = [image_seq(f"s{i}", [101, 5 + i, 6], [], [7], per_image=16) for i in range(2)]
-    outs = [submit(engine, seq) for seq, _ in shorts]
-    engine.step()  # both prefilled together; they decode from the next step on
+    shorts, outs = _decoding(engine, 2)
     long, long_values = image_seq("long", [101] * 30, ["a", "b"], [9] * 90)
     outs.append(submit(engine, long))
     engine.step()  # 2 decodes (bucket 2: half of 4) and the long prompt's first chunk
@@ -204,14 +210,6 @@ def test_half_a_batch_decoding_beside_a_chunk_runs_padded_on_one_mixed_graph():
     run_to_end(engine)
     for (_, values), out in zip([*shorts, (long, long_values)], outs):
         assert tokens_of(out) == expected_tokens(values, 8)
-
-
-def _decoding(engine, count):
-    """`count` short sequences, prefilled by one step; they decode from the next one on."""
-    work = [image_seq(f"s{i}", [101, 5 + i, 6], [], [7]) for i in range(count)]
-    outs = [submit(engine, seq) for seq, _ in work]
-    engine.step()
-    return work, outs
 
 
 def test_chunks_no_compiled_mixed_graph_holds_wait_a_step_instead_of_splitting_it_in_two():
