@@ -1,12 +1,18 @@
 """Cross-request batching: items from concurrent callers, gathered for one worker thread.
 
 Threads and queues:
-- `submit(item)` may be called from any thread or event loop; it puts `(item, future)` on
+- `submit(item)` may be called from any thread or event loop; it puts `(item, future, arrival)` on
   a `queue.SimpleQueue` and returns a `concurrent.futures.Future` for the item's result.
 - One worker thread (named `<name>-batcher`) is the only caller of `run_batch`. It waits for
-  a first item, then keeps gathering until `max_items` are in hand or `wait_s` has passed
-  since that first item, and runs them as one batch. Items that do not fit stay queued for
-  the next batch, so a burst larger than `max_items` becomes several full batches.
+  a first item, then keeps gathering until `max_items` are in hand or no item has arrived
+  for `wait_s`, and runs them as one batch; never longer than `max_wait_s` after the first
+  item arrived. Items that do not fit stay queued for the next batch, so a burst larger than
+  `max_items` becomes several full batches, and items that queued while a batch ran start the
+  next one at once.
+- `incoming()` (if given) counts the items on their way to `submit` (an encoder: images still
+  being decoded and resized). While it is above zero the batch keeps gathering, within
+  `max_wait_s`: a burst of requests whose images finish preprocessing a few milliseconds
+  apart becomes one batch instead of a batch of the first image and a batch of the rest.
 - With nothing queued, the worker calls `on_idle()` (if given) until it returns False, then
   waits for an item, asking `on_idle()` again every `IDLE_POLL_S` (it may have declined for
   now); the encoder compiles its remaining buckets there, between batches. Once the hook has
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 IDLE_POLL_S = 1.0  # how often an idle worker asks `on_idle` again
+INCOMING_POLL_S = 0.002  # how often a gathering batch asks `incoming` again
 
 
 class BatcherClosed(RuntimeError):
@@ -39,16 +46,22 @@ class BatcherClosed(RuntimeError):
 
 class Batcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], *, max_items: int,
-                 wait_s: float, name: str = "encoder",
-                 on_idle: Callable[[], bool] | None = None) -> None:
+                 wait_s: float, max_wait_s: float | None = None, name: str = "encoder",
+                 on_idle: Callable[[], bool] | None = None,
+                 incoming: Callable[[], int] | None = None) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if wait_s < 0:
             raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        max_wait_s = wait_s if max_wait_s is None else max_wait_s
+        if max_wait_s < wait_s:
+            raise ValueError(f"max_wait_s ({max_wait_s}) must be >= wait_s ({wait_s})")
         self._run_batch = run_batch
         self._on_idle = on_idle
+        self._incoming = incoming
         self.max_items = max_items
         self.wait_s = wait_s
+        self.max_wait_s = max_wait_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()  # nothing is queued after the stop marker
@@ -70,7 +83,7 @@ class Batcher:
         future: Future = Future()
         with self._close_lock:
             if not self._closed:
-                self._queue.put((item, future))
+                self._queue.put((item, future, time.monotonic()))
                 return future
         future.set_exception(BatcherClosed("the encoder batcher is closed"))
         return future
@@ -87,17 +100,33 @@ class Batcher:
     def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
         """The batch that starts with `first`, and whether a stop came while gathering."""
         batch = [first]
-        deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_items:
-            timeout_s = deadline - time.monotonic()
+            timeout_s = self._gather_timeout(first_at=first[2], last_at=batch[-1][2])
             try:
                 entry = self._queue.get(timeout=timeout_s) if timeout_s > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if timeout_s > 0:
+                    continue  # a poll for items on their way, or the quiet time ended: look again
                 break
             if entry is _STOP:
                 return batch, True
             batch.append(entry)
         return batch, False
+
+    def _gather_timeout(self, first_at: float, last_at: float) -> float:
+        """How long to block for the next item (0: take only what is queued): until `wait_s`
+        after the last arrival, then in short polls while items are on their way (one may
+        fail before it is submitted), never past `max_wait_s` after the first."""
+        now = time.monotonic()
+        left_s = first_at + self.max_wait_s - now
+        if left_s <= 0:
+            return 0.0
+        quiet_s = last_at + self.wait_s - now
+        if quiet_s > 0:
+            return min(quiet_s, left_s)
+        if self._incoming is not None and self._incoming() > 0:
+            return min(INCOMING_POLL_S, left_s)
+        return 0.0
 
     def _work(self) -> None:
         stopping = False
@@ -115,7 +144,7 @@ class Batcher:
                 break
             batch, stopping = self._gather(first)
             # A waiter that was cancelled while queued gives up its row.
-            batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            batch = [(item, future) for item, future, _ in batch if future.set_running_or_notify_cancel()]
             if batch:
                 self._run(batch)
         self._fail_queued()

@@ -18,7 +18,11 @@ class EncoderConfig:
     model: str  # checkpoint directory or hub id; becomes the embeddings' model_id
     device: str = "xla"
     max_batch_items: int = 8  # largest item-batch bucket; buckets are 1, 2, 4, ... up to it
-    batch_wait_s: float = 0.005  # how long a batch waits for items from other requests
+    # A batch gathers items from other requests until none has arrived for `batch_wait_s` and
+    # no image is still being preprocessed, for at most `batch_max_wait_s` after its first
+    # item: a burst of requests becomes one batch (encoder_service/batcher.py).
+    batch_wait_s: float = 0.025
+    batch_max_wait_s: float = 0.1
     encoder_cache_bytes: int = 512 * MiB  # LRU budget for cached embeddings; 0 disables the cache
     embedding_dtype: str = "float32"  # how embeddings are stored and sent: the decoder's dtype
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size limit per image, the router's too
@@ -50,6 +54,10 @@ class EncoderConfig:
         _require_int(self, "preprocess_threads", minimum=1)
         if not isinstance(self.batch_wait_s, (int, float)) or not 0 <= self.batch_wait_s <= 1:
             raise ValueError(f"batch_wait_s must be between 0 and 1 second, got {self.batch_wait_s!r}")
+        if (not isinstance(self.batch_max_wait_s, (int, float))
+                or not self.batch_wait_s <= self.batch_max_wait_s <= 1):
+            raise ValueError(f"batch_max_wait_s must be between batch_wait_s and 1 second, "
+                             f"got {self.batch_max_wait_s!r}")
         object.__setattr__(self, "buckets", power_of_two_buckets(self.max_batch_items))
 
 

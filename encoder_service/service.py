@@ -15,7 +15,9 @@ into one [num_tokens, hidden] embedding whose row count depends on the image's s
 
 Threads: `encode` runs on the caller's event loop (any loop) and only waits; the
 "encoder-preprocess" pool decodes and preprocesses misses; the batcher's worker thread
-runs every device step and then puts each result in the object store. A miss's
+runs every device step and then puts each result in the object store. The batcher counts the
+misses still in the pool as on their way (`incoming`), so a burst of new images becomes one
+batch even when their preprocessing ends tens of milliseconds apart. A miss's
 computation is chained by future callbacks, not owned by the request that started it,
 so a cancelled request never strands the requests that joined its image.
 """
@@ -81,9 +83,12 @@ class EncoderService:
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="encoder-preprocess")
         # On a CPU host a batch starts between the decoder's chunk-carrying steps.
         self._gate = ChunkStepGate() if device.computes_on_host else None
+        self._preprocessing = 0  # misses between `_compute` and the batcher (the pool's threads)
+        self._preprocessing_lock = threading.Lock()
         self._batcher = Batcher(self._run_batch, max_items=config.max_batch_items,
-                                wait_s=config.batch_wait_s, name="encoder",
-                                on_idle=self._compile_when_host_spares)
+                                wait_s=config.batch_wait_s, max_wait_s=config.batch_max_wait_s,
+                                name="encoder", on_idle=self._compile_when_host_spares,
+                                incoming=lambda: self._preprocessing)
         self._item_errors = 0
         self.startup_seconds = time.perf_counter() - started
         log.info("encoder: %s ready in %.1f s (%d tokens x %d per image)", self.model_id,
@@ -191,6 +196,8 @@ class EncoderService:
                 _when_all(tiles, lambda: on_tiles(tiles, pixels.image_size))
             except BaseException as error:
                 fail(error)
+            finally:  # submitted (or failed): a gathering batch stops waiting for it
+                self._count_preprocessing(-1)
 
         def on_tiles(tiles: list[Future], image_size: tuple[int, int]) -> None:
             packed: Future = Future()
@@ -211,10 +218,16 @@ class EncoderService:
                 return
             self._cache.fulfil(key, ref, array.nbytes)
 
+        self._count_preprocessing(+1)
         try:
             self._pool.submit(self._preprocessor, data).add_done_callback(on_pixels)
         except RuntimeError as error:  # the pool is shut down
+            self._count_preprocessing(-1)
             fail(error)
+
+    def _count_preprocessing(self, change: int) -> None:
+        with self._preprocessing_lock:
+            self._preprocessing += change
 
     def _meta(self, key: str, num_tokens: int) -> EmbeddingMeta:
         return EmbeddingMeta(image_hash=key, num_tokens=num_tokens,

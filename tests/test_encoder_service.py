@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +117,32 @@ async def test_concurrent_duplicates_are_computed_once(service, store):
     assert after["single_flight_joins"] - before["single_flight_joins"] == 9
     assert after["batched_items"] - before["batched_items"] == 1
     assert _arrays(store, refs[:1])[0].shape == (16, 64)
+
+
+class _SlowPreprocessor:
+    def __init__(self, inner, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    def __call__(self, data):
+        time.sleep(self.seconds)
+        return self.inner(data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_burst_waits_for_images_still_being_preprocessed(service, monkeypatch):
+    """Four new images, each 60 ms in preprocessing on the service's two threads: two reach
+    the batcher at ~60 ms and two at ~120 ms, more than `batch_wait_s` (20 ms) apart. The
+    batch counts the last two as on their way and takes them too: one device batch."""
+    monkeypatch.setattr(service, "_preprocessor", _SlowPreprocessor(service._preprocessor, 0.06))
+    monkeypatch.setattr(service._batcher, "max_wait_s", 5.0)  # a loaded machine's slow threads
+    before = service.stats()
+    refs = await service.encode([_noise_png(seed) for seed in range(300, 304)])
+    after = service.stats()
+    assert all(isinstance(ref, EmbeddingRef) for ref in refs)
+    assert after["batched_items"] - before["batched_items"] == 4
+    assert after["batches"] - before["batches"] == 1
 
 
 async def test_bad_items_fail_alone(service, store, reference, photos):

@@ -191,6 +191,89 @@ def test_batcher_wait_is_bounded():
     batcher.close()
 
 
+def _stragglers(batcher, on_their_way, items, spacing_s):
+    """Submits `items` one after another, `spacing_s` apart, each leaving `on_their_way` as it
+    goes (what an encoder's preprocessing threads do)."""
+    futures = []
+
+    def run():
+        for item in items:
+            time.sleep(spacing_s)
+            futures.append(batcher.submit(item))
+            on_their_way[0] -= 1
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, futures
+
+
+def test_a_batch_gathers_until_items_stop_arriving():
+    """`wait_s` is a quiet time: items 30 ms apart with `wait_s` 100 ms keep one batch open
+    past `wait_s` after its first item; `max_wait_s` closes it whatever still arrives."""
+    recorder = _Recorder()
+    batcher = Batcher(recorder, max_items=8, wait_s=0.1, max_wait_s=0.3)
+    first = batcher.submit(0)
+    thread, futures = _stragglers(batcher, [0], [1, 2, 3, 4], 0.03)
+    thread.join()
+    assert [f.result(timeout=5) for f in [first, *futures]] == [0, 2, 4, 6, 8]
+    assert recorder.sizes == [5]
+    recorder.sizes.clear()
+    first = batcher.submit(0)
+    thread, futures = _stragglers(batcher, [0], list(range(1, 8)), 0.08)  # 7 x 80 ms > 300 ms
+    thread.join()
+    assert [f.result(timeout=5) for f in [first, *futures]] == [2 * i for i in range(8)]
+    assert len(recorder.sizes) >= 2 and sum(recorder.sizes) == 8
+    batcher.close()
+
+
+def test_a_batch_waits_for_items_on_their_way():
+    """Items arriving 20 ms apart, four times `wait_s`: without `incoming` each would be a
+    batch of its own; counted as on their way, they join the first one."""
+    recorder = _Recorder()
+    on_their_way = [4]
+    batcher = Batcher(recorder, max_items=8, wait_s=0.005, incoming=lambda: on_their_way[0],
+                      max_wait_s=2.0)
+    first = batcher.submit(0)
+    thread, futures = _stragglers(batcher, on_their_way, [1, 2, 3, 4], 0.02)
+    thread.join()
+    assert [f.result(timeout=5) for f in [first, *futures]] == [0, 2, 4, 6, 8]
+    assert recorder.sizes == [5]
+    batcher.close()
+
+
+def test_waiting_for_items_on_their_way_is_bounded():
+    """An item that never comes (its preprocessing failed, uncounted) holds the batch only up
+    to `max_wait_s` after its first item; a batch with nothing on its way waits `wait_s`."""
+    recorder = _Recorder()
+    on_their_way = [1]
+    batcher = Batcher(recorder, max_items=8, wait_s=0.005, incoming=lambda: on_their_way[0],
+                      max_wait_s=0.2)
+    began = time.monotonic()
+    assert batcher.submit(1).result(timeout=5) == 2
+    waited = time.monotonic() - began
+    assert 0.2 <= waited < 1.0
+    on_their_way[0] = 0
+    began = time.monotonic()
+    assert batcher.submit(2).result(timeout=5) == 4
+    assert time.monotonic() - began < 0.15
+    assert recorder.sizes == [1, 1]
+    batcher.close()
+
+
+def test_items_on_their_way_stop_being_waited_for_when_the_count_drops():
+    """The count falling to zero (the last straggler failed) ends the wait at once, long
+    before `max_wait_s`."""
+    recorder = _Recorder()
+    on_their_way = [1]
+    batcher = Batcher(recorder, max_items=8, wait_s=0.005, incoming=lambda: on_their_way[0],
+                      max_wait_s=5.0)
+    threading.Timer(0.1, lambda: on_their_way.__setitem__(0, 0)).start()
+    began = time.monotonic()
+    assert batcher.submit(1).result(timeout=5) == 2
+    assert time.monotonic() - began < 1.0
+    batcher.close()
+
+
 def test_a_failed_batch_fails_only_its_items():
     recorder = _Recorder()
     batcher = Batcher(recorder, max_items=2, wait_s=0.2)
