@@ -41,7 +41,8 @@ def test_config_derives_buckets_and_is_frozen():
 @pytest.mark.parametrize("field, value", [
     ("model", ""), ("device", "tpu"), ("max_batch_items", 0), ("batch_wait_s", -0.1),
     ("encoder_cache_bytes", -1), ("max_image_bytes", 0), ("max_image_pixels", 1.5),
-    ("preprocess_threads", 0), ("max_batch_items", True)])
+    ("preprocess_threads", 0), ("max_batch_items", True),
+    ("batch_max_wait_s", 0.001), ("batch_max_wait_s", 2.0), ("batch_max_wait_s", "soon")])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         EncoderConfig(**{"model": "m", field: value})
@@ -224,6 +225,11 @@ def test_a_batch_gathers_until_items_stop_arriving():
     assert [f.result(timeout=5) for f in [first, *futures]] == [2 * i for i in range(8)]
     assert len(recorder.sizes) >= 2 and sum(recorder.sizes) == 8
     batcher.close()
+
+
+def test_a_max_wait_below_the_quiet_time_is_refused():
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Batcher(_Recorder(), max_items=8, wait_s=0.1, max_wait_s=0.05)
 
 
 def test_a_batch_waits_for_items_on_their_way():
