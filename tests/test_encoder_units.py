@@ -192,16 +192,17 @@ def test_batcher_wait_is_bounded():
     batcher.close()
 
 
-def _stragglers(batcher, on_their_way, items, spacing_s):
-    """Submits `items` one after another, `spacing_s` apart, each leaving `on_their_way` as it
-    goes (what an encoder's preprocessing threads do)."""
+def _stragglers(batcher, items, spacing_s, on_their_way=None):
+    """Submits `items` one after another, `spacing_s` apart, each leaving `on_their_way` (if
+    given) as it goes (what an encoder's preprocessing threads do)."""
     futures = []
 
     def run():
         for item in items:
             time.sleep(spacing_s)
             futures.append(batcher.submit(item))
-            on_their_way[0] -= 1
+            if on_their_way is not None:
+                on_their_way[0] -= 1
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -214,13 +215,13 @@ def test_a_batch_gathers_until_items_stop_arriving():
     recorder = _Recorder()
     batcher = Batcher(recorder, max_items=8, wait_s=0.1, max_wait_s=0.3)
     first = batcher.submit(0)
-    thread, futures = _stragglers(batcher, [0], [1, 2, 3, 4], 0.03)
+    thread, futures = _stragglers(batcher, [1, 2, 3, 4], 0.03)
     thread.join()
     assert [f.result(timeout=5) for f in [first, *futures]] == [0, 2, 4, 6, 8]
     assert recorder.sizes == [5]
     recorder.sizes.clear()
     first = batcher.submit(0)
-    thread, futures = _stragglers(batcher, [0], list(range(1, 8)), 0.08)  # 7 x 80 ms > 300 ms
+    thread, futures = _stragglers(batcher, list(range(1, 8)), 0.08)  # 7 x 80 ms > 300 ms
     thread.join()
     assert [f.result(timeout=5) for f in [first, *futures]] == [2 * i for i in range(8)]
     assert len(recorder.sizes) >= 2 and sum(recorder.sizes) == 8
@@ -240,7 +241,7 @@ def test_a_batch_waits_for_items_on_their_way():
     batcher = Batcher(recorder, max_items=8, wait_s=0.005, incoming=lambda: on_their_way[0],
                       max_wait_s=2.0)
     first = batcher.submit(0)
-    thread, futures = _stragglers(batcher, on_their_way, [1, 2, 3, 4], 0.02)
+    thread, futures = _stragglers(batcher, [1, 2, 3, 4], 0.02, on_their_way)
     thread.join()
     assert [f.result(timeout=5) for f in [first, *futures]] == [0, 2, 4, 6, 8]
     assert recorder.sizes == [5]
