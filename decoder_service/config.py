@@ -23,7 +23,7 @@ these graphs, and the runtime pads to the same lists with
   compiled mixed graph that fits runs its two graphs.
 
 Decode's KV-block buckets have 1.5x midpoints from `DECODE_MIDPOINTS_FROM` blocks on:
-attention (the paged gather and its two products) is ~40 % of a decode step and
+attention (the paged gather and its two products) is 25-40 % of a decode step and
 scales with the blocks attended, and contexts just past a power of two (a 300-token
 prompt: 19 blocks) padded to the next one attended up to twice what they hold. Only
 for batches of `DECODE_MIDPOINT_BATCH` sequences or more: attention scales with the
