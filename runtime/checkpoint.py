@@ -125,5 +125,17 @@ def vision_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def text_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """`language_model.*` and `lm_head.*` tensors: the decoder's half."""
-    return checkpoint.tensors(TEXT_PREFIXES)
+    """`language_model.*` and `lm_head.*` tensors: the decoder's half. A checkpoint whose head
+    is tied to the input embeddings (`tie_word_embeddings`) stores no `lm_head.weight`:
+    the embedding matrix stands in for it, as transformers ties them on load."""
+    tensors = checkpoint.tensors(TEXT_PREFIXES)
+    embedding = tensors.get("language_model.embed_tokens.weight")
+    if "lm_head.weight" not in tensors and embedding is not None and ties_word_embeddings(checkpoint.config):
+        tensors["lm_head.weight"] = embedding
+    return tensors
+
+
+def ties_word_embeddings(config) -> bool:
+    """The LLaVA config or its text config ties the head to the input embeddings."""
+    return bool(getattr(config, "tie_word_embeddings", False)
+                or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False))

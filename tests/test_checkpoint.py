@@ -1,5 +1,7 @@
 """Each service can load its own half of a checkpoint, and only that half."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,6 +63,37 @@ def test_every_known_layout_loads_the_same_halves(tiny_checkpoint, tmp_path, lay
         a, b = half(copy), half(original)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_head_tied_to_the_embeddings_loads_as_transformers_ties_it(tiny_checkpoint, tmp_path):
+    """tie_word_embeddings: no lm_head.weight is stored; the decoder's head is the embedding."""
+    from decoder_service.runner import load_text_model
+
+    _copy_with_names(tiny_checkpoint, tmp_path, canonical_name)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["tie_word_embeddings"] = config["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    text = text_state_dict(open_checkpoint(str(tmp_path)))
+    assert text["lm_head.weight"] is text["language_model.embed_tokens.weight"]
+    model = load_text_model(open_checkpoint(str(tmp_path)), torch.float32)
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(model.lm_head(torch.eye(model.lm_head.weight.shape[0])[:3]),
+                               reference.lm_head.weight.T[:3])
+    torch.testing.assert_close(reference.lm_head.weight,
+                               reference.get_input_embeddings().weight)  # transformers tied them
+
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    for f in tmp_path.iterdir():
+        if f.is_file():
+            (untied / f.name).write_bytes(f.read_bytes())
+    config["text_config"]["tie_word_embeddings"] = config["tie_word_embeddings"] = False
+    (untied / "config.json").write_text(json.dumps(config))
+    assert "lm_head.weight" not in text_state_dict(open_checkpoint(str(untied)))  # not guessed
 
 
 def test_canonical_names():
