@@ -12,7 +12,9 @@ Three entry points, each traced into one graph per bucket pair:
   in two.
 Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
-so greedy tokens match `LlavaForConditionalGeneration.generate`.
+so greedy tokens match `LlavaForConditionalGeneration.generate`; Mistral's text models are
+the same computation (`check_text_config` says which configs qualify), and the RoPE
+variants differ only in their cos/sin tables (`decoder_service/rope.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoder_service.kv_cache import PagedKVCache
+from decoder_service.rope import check_rope
 
 
 class Linear(nn.Module):
@@ -64,14 +67,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rotary_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_len, head_dim], computed like transformers' default RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,18 +184,35 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+LLAMA_SHAPED = ("llama", "mistral")  # text model types whose weights and math are Llama's
+
+
+def check_text_config(cfg, max_len: int | None = None) -> None:
+    """Raises a ValueError naming the field when the text model is not one this Llama computes
+    exactly: its model_type, activation, RoPE (`rope.check_rope`), or a sliding window that
+    would cut attention short within `max_len` positions (Mistral v0.1's 4,096)."""
+    kind = getattr(cfg, "model_type", "llama")
+    if kind not in LLAMA_SHAPED:
+        raise ValueError(f"unsupported text_config.model_type {kind!r}: the decoder computes "
+                         f"{' and '.join(LLAMA_SHAPED)} language models")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}: Llama uses silu")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and max_len is not None and max_len > window:
+        raise ValueError(f"text_config.sliding_window {window} is shorter than max_model_len "
+                         f"{max_len}: the decoder attends over the whole context")
+    check_rope(cfg, max_len)
+
+
 class LlamaTextModel(nn.Module):
     """Parameter names match the checkpoint's text half (`runtime.checkpoint.text_state_dict`
     with the `language_model.` prefix dropped)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, max_len: int | None = None) -> None:
+        """`max_len`: the positions the replica serves, where known (see `check_text_config`)."""
         super().__init__()
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}: Llama uses silu")
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}")
-        self.rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        check_text_config(cfg, max_len)
+        self.config = cfg  # the rotary table's source (`rope.rotary_table`)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

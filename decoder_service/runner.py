@@ -36,7 +36,8 @@ import torch
 from decoder_service.config import DecoderConfig, DecoderShapes, KVGeometry, derive_shapes
 from decoder_service.inputs import DecodeInputs, MixedInputs, PrefillInputs
 from decoder_service.kv_cache import PagedKVCache
-from decoder_service.llama import ChunkRows, DecodeRows, LlamaTextModel, rotary_table
+from decoder_service.llama import ChunkRows, DecodeRows, LlamaTextModel
+from decoder_service.rope import rotary_table
 from decoder_service.sampler import index_tensors, sample
 from runtime.buckets import pad_to_bucket
 from runtime.checkpoint import Checkpoint, text_state_dict
@@ -51,11 +52,12 @@ log = logging.getLogger(__name__)
 StepInputs = PrefillInputs | DecodeInputs | MixedInputs
 
 
-def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaTextModel:
+def load_text_model(checkpoint: Checkpoint, dtype: torch.dtype,
+                    max_len: int | None = None) -> LlamaTextModel:
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every tensor is loaded strictly next: random init is wasted CPU
-        model = LlamaTextModel(checkpoint.config.text_config)
+        model = LlamaTextModel(checkpoint.config.text_config, max_len)
     tensors = {k.removeprefix("language_model."): v for k, v in text_state_dict(checkpoint).items()}
     model.load_state_dict(tensors, strict=True)
     return model.to(dtype).eval()
@@ -120,9 +122,9 @@ class ModelRunner:
         self.hidden_size = int(text.hidden_size)
         self.guard = CompileGuard(device, strict=config.strict_compile, name="decoder")
         with self.guard.compiling():  # device set-up syncs: never beside another thread's step
-            self.model = load_text_model(checkpoint, self.dtype).to(device.torch_device)
-            cos, sin = rotary_table(self.model.head_dim, self.shapes.max_model_len,
-                                    self.model.rope_theta)
+            self.model = load_text_model(checkpoint, self.dtype,
+                                         self.shapes.max_model_len).to(device.torch_device)
+            cos, sin = rotary_table(self.model.config, self.model.head_dim, self.shapes.max_model_len)
             # In the model's dtype, as transformers' Llama casts them: q and k stay in it.
             self.cos = cos.to(self.dtype).to(device.torch_device)
             self.sin = sin.to(self.dtype).to(device.torch_device)

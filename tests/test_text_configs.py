@@ -1,0 +1,109 @@
+"""Which text models the decoder computes: its rotary tables equal transformers' Llama RoPE for
+every variant it serves, Mistral-shaped models load, and what it would compute differently
+(a length-dependent RoPE, a sliding window inside the served length, another architecture)
+is refused by name."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from decoder_service.llama import LlamaTextModel
+from decoder_service.rope import check_rope, rotary_table
+
+HEAD_DIM, MAX_POSITIONS = 32, 1024
+
+VARIANTS = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "default, theta 500000": {"rope_type": "default", "rope_theta": 500000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 256},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+}
+
+
+def _config(rope: dict) -> LlamaConfig:
+    return LlamaConfig(hidden_size=HEAD_DIM * 4, num_attention_heads=4, head_dim=HEAD_DIM,
+                       max_position_embeddings=MAX_POSITIONS, rope_parameters=rope)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tables_equal_transformers_rope(name):
+    config = _config(VARIANTS[name])
+    cos, sin = rotary_table(config, HEAD_DIM, MAX_POSITIONS)
+    positions = torch.arange(MAX_POSITIONS)[None, :]
+    expected_cos, expected_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32),
+                                                              positions)
+    torch.testing.assert_close(cos, expected_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, expected_sin[0], rtol=0, atol=1e-6)
+    if name not in ("default", "dynamic"):  # dynamic equals default within max_position_embeddings
+        default_cos, _ = rotary_table(_config(VARIANTS["default"]), HEAD_DIM, MAX_POSITIONS)
+        assert not torch.allclose(cos, default_cos)  # the scaling is applied
+
+
+def test_a_length_dependent_rope_is_refused_by_name():
+    dynamic = _config(VARIANTS["dynamic"])
+    check_rope(dynamic, MAX_POSITIONS)  # within max_position_embeddings: one table
+    with pytest.raises(ValueError, match="rope_type 'dynamic' past max_position_embeddings"):
+        rotary_table(dynamic, HEAD_DIM, 2 * MAX_POSITIONS)
+    longrope = _config({"rope_type": "longrope", "rope_theta": 10000.0,
+                        "short_factor": [1.0] * (HEAD_DIM // 2), "long_factor": [2.0] * (HEAD_DIM // 2),
+                        "original_max_position_embeddings": 256})
+    with pytest.raises(ValueError, match="unsupported rope_type 'longrope'"):
+        check_rope(longrope)
+
+
+def _small(config_class, **extra):
+    return config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **extra)
+
+
+def test_mistral_shaped_text_models_load_and_a_window_inside_the_served_length_is_refused():
+    model = LlamaTextModel(_small(MistralConfig, sliding_window=None), max_len=4096)
+    assert model.num_kv_heads == 2 and model.head_dim == 16
+    LlamaTextModel(_small(MistralConfig, sliding_window=4096), max_len=4096)  # never reached
+    with pytest.raises(ValueError, match="text_config.sliding_window 4096 is shorter than max_model_len 8192"):
+        LlamaTextModel(_small(MistralConfig, sliding_window=4096), max_len=8192)
+
+
+def test_another_architecture_is_refused_by_name():
+    with pytest.raises(ValueError, match="unsupported text_config.model_type 'qwen2'"):
+        LlamaTextModel(_small(Qwen2Config))
+
+
+@pytest.mark.parametrize("config_class, extra", [
+    (LlamaConfig, {}),
+    (LlamaConfig, {"rope_parameters": VARIANTS["llama3"], "attention_bias": True}),
+    (MistralConfig, {"sliding_window": None}),
+], ids=["llama", "llama3 rope, biases", "mistral"])
+def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
+    """The whole text model, eager on the CPU: one prompt's last-token logits equal
+    transformers' `*ForCausalLM` with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from decoder_service.kv_cache import PagedKVCache
+    from decoder_service.llama import ChunkRows
+
+    torch.manual_seed(0)
+    config = _small(config_class, max_position_embeddings=MAX_POSITIONS, **extra)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    model = LlamaTextModel(config, max_len=MAX_POSITIONS)
+    state = {k.removeprefix("model."): v for k, v in reference.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    tokens, bs = torch.randint(0, config.vocab_size, (37,)), 16
+    t, blocks = len(tokens), -(-len(tokens) // 16)
+    cache = PagedKVCache(num_layers=1, num_blocks=blocks + 1, block_size=bs, num_kv_heads=2,
+                         head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    positions = torch.arange(t)
+    rows = ChunkRows(model.embed_tokens(tokens), positions, 1 + positions // bs, positions % bs,
+                     torch.zeros(t, dtype=torch.long), torch.arange(1, blocks + 1),
+                     torch.zeros(blocks * bs, dtype=torch.long), torch.arange(blocks * bs),
+                     torch.tensor([t - 1]))
+    cos, sin = rotary_table(config, model.head_dim, MAX_POSITIONS)
+    with torch.no_grad():
+        ours = model.prefill(rows, cos, sin, cache)[0]
+        expected = reference(tokens[None]).logits[0, -1]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
