@@ -13,7 +13,7 @@ Three entry points, each traced into one graph per bucket pair:
 Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
 so greedy tokens match `LlavaForConditionalGeneration.generate`; Mistral's text models are
-the same computation (`check_text_config` says which configs qualify), and the RoPE
+the same computation (`text_config.check_text_config` says which configs qualify), and the RoPE
 variants differ only in their cos/sin tables (`decoder_service/rope.py`).
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoder_service.kv_cache import PagedKVCache
-from decoder_service.rope import check_rope
+from decoder_service.text_config import check_text_config
 
 
 class Linear(nn.Module):
@@ -182,26 +182,6 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-LLAMA_SHAPED = ("llama", "mistral")  # text model types whose weights and math are Llama's
-
-
-def check_text_config(cfg, max_len: int | None = None) -> None:
-    """Raises a ValueError naming the field when the text model is not one this Llama computes
-    exactly: its model_type, activation, RoPE (`rope.check_rope`), or a sliding window that
-    would cut attention short within `max_len` positions (Mistral v0.1's 4,096)."""
-    kind = getattr(cfg, "model_type", "llama")
-    if kind not in LLAMA_SHAPED:
-        raise ValueError(f"unsupported text_config.model_type {kind!r}: the decoder computes "
-                         f"{' and '.join(LLAMA_SHAPED)} language models")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}: Llama uses silu")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and max_len is not None and max_len > window:
-        raise ValueError(f"text_config.sliding_window {window} is shorter than max_model_len "
-                         f"{max_len}: the decoder attends over the whole context")
-    check_rope(cfg, max_len)
 
 
 class LlamaTextModel(nn.Module):

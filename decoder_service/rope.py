@@ -1,41 +1,16 @@
 """Rotary position tables from a Llama text config, computed once on the host.
 
-The decoder reads cos/sin rows by position (`llama.apply_rotary`), so a RoPE variant whose
-frequencies do not change with the sequence's length is just another table: `default`, and
-transformers' `linear`, `llama3` and `yarn` scalings, whose inverse frequencies and attention
-factor come from `transformers.modeling_rope_utils` (the functions transformers' own Llama
-calls). `dynamic` scaling changes the frequencies only past `max_position_embeddings`, so it
-is static when the served length stays within it; past that, and for the other types, the
-frequencies depend on each sequence's length and the replica refuses the checkpoint by name.
+The decoder reads cos/sin rows by position (`llama.apply_rotary`), so each RoPE variant it
+serves (`text_config.STATIC_ROPE_TYPES`, and `dynamic` within `max_position_embeddings`) is
+just another table: `default` computed here, the scalings' inverse frequencies and attention
+factor from `transformers.modeling_rope_utils`, the functions transformers' own Llama calls.
 """
 
 from __future__ import annotations
 
 import torch
 
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def rope_type(cfg) -> str:
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    return rope.get("rope_type", "default")
-
-
-def check_rope(cfg, max_len: int | None = None) -> None:
-    """Raises a ValueError naming the rope_type when its table would change with the length
-    (`max_len`: the positions served; None: not known yet, so `dynamic` passes)."""
-    kind = rope_type(cfg)
-    if kind in STATIC_ROPE_TYPES:
-        return
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if kind == "dynamic" and (max_len is None or (limit is not None and max_len <= limit)):
-        return
-    raise ValueError(
-        f"unsupported rope_type {kind!r}" + (
-            f" past max_position_embeddings ({limit}) with max_model_len {max_len}: its "
-            "frequencies change with the sequence's length" if kind == "dynamic" else
-            f": supported are {', '.join(STATIC_ROPE_TYPES)}, and dynamic within "
-            "max_position_embeddings"))
+from decoder_service.text_config import check_rope, rope_type
 
 
 def rotary_table(cfg, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

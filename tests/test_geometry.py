@@ -188,3 +188,18 @@ def test_max_image_bytes_is_set_once_for_router_and_encoder(tiny_checkpoint, sec
     with pytest.raises(ValueError, match=f"{section}.max_image_bytes: set `max_image_bytes` once"):
         build_app({"model": str(tiny_checkpoint), section: {"max_image_bytes": 10}})
     build_app({"model": str(tiny_checkpoint), "max_image_bytes": 10})
+
+
+def test_a_language_model_the_decoder_does_not_compute_is_refused_at_build(tiny_checkpoint, tmp_path):
+    for f in tiny_checkpoint.iterdir():
+        if f.is_file():
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _check(tmp_path, max_model_len=128)  # within max_position_embeddings: one rotary table
+    config["text_config"]["model_type"] = "qwen2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported text_config.model_type 'qwen2'"):
+        build_app({"model": str(tmp_path), "decoder": {"max_model_len": 64}})

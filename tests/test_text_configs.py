@@ -9,7 +9,8 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from decoder_service.llama import LlamaTextModel
-from decoder_service.rope import check_rope, rotary_table
+from decoder_service.rope import rotary_table
+from decoder_service.text_config import check_rope
 
 HEAD_DIM, MAX_POSITIONS = 32, 1024
 

@@ -1,0 +1,53 @@
+"""Which text models the decoder computes exactly, read from the config alone (no torch: the
+app builder checks a deploy with it before any replica starts).
+
+The decoder is transformers' Llama (`llama.py`); Mistral's text models are the same
+computation while no sliding window cuts attention short. A RoPE variant is only a different
+cos/sin table (`rope.py`) when its frequencies do not change with the sequence's length:
+`default`, and transformers' `linear`, `llama3` and `yarn` scalings; `dynamic` changes them
+only past `max_position_embeddings`, so it qualifies while the served length stays within it.
+"""
+
+from __future__ import annotations
+
+LLAMA_SHAPED = ("llama", "mistral")  # text model types whose weights and math are Llama's
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_type(cfg) -> str:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return rope.get("rope_type", "default")
+
+
+def check_rope(cfg, max_len: int | None = None) -> None:
+    """Raises a ValueError naming the rope_type when its table would change with the length
+    (`max_len`: the positions served; None: not known yet, so `dynamic` passes)."""
+    kind = rope_type(cfg)
+    if kind in STATIC_ROPE_TYPES:
+        return
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if kind == "dynamic" and (max_len is None or (limit is not None and max_len <= limit)):
+        return
+    raise ValueError(
+        f"unsupported rope_type {kind!r}" + (
+            f" past max_position_embeddings ({limit}) with max_model_len {max_len}: its "
+            "frequencies change with the sequence's length" if kind == "dynamic" else
+            f": supported are {', '.join(STATIC_ROPE_TYPES)}, and dynamic within "
+            "max_position_embeddings"))
+
+
+def check_text_config(cfg, max_len: int | None = None) -> None:
+    """Raises a ValueError naming the field when the text model is not one the decoder
+    computes exactly: its model_type, activation, RoPE, or a sliding window shorter than the
+    `max_len` positions served (Mistral v0.1's 4,096)."""
+    kind = getattr(cfg, "model_type", "llama")
+    if kind not in LLAMA_SHAPED:
+        raise ValueError(f"unsupported text_config.model_type {kind!r}: the decoder computes "
+                         f"{' and '.join(LLAMA_SHAPED)} language models")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported text_config.hidden_act {cfg.hidden_act!r}: Llama uses silu")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and max_len is not None and max_len > window:
+        raise ValueError(f"text_config.sliding_window {window} is shorter than max_model_len "
+                         f"{max_len}: the decoder attends over the whole context")
+    check_rope(cfg, max_len)
