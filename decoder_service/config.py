@@ -211,11 +211,13 @@ def mixed_chunk_buckets(chunk_buckets: tuple[int, ...], cap: int,
 
 
 def derive_shapes(config: DecoderConfig, max_position_embeddings: int,
-                  kv: KVGeometry) -> DecoderShapes:
+                  kv: KVGeometry, limit_name: str = "max_position_embeddings") -> DecoderShapes:
+    """`max_position_embeddings`: the most positions the model serves (`limit_name` says
+    which config field set them: `text_config.position_limit`)."""
     max_model_len = config.max_model_len or max_position_embeddings
     if max_model_len > max_position_embeddings:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
-                         f"max_position_embeddings ({max_position_embeddings})")
+                         f"{limit_name} ({max_position_embeddings})")
     block_size = config.block_size
     max_blocks = -(-max_model_len // block_size)
     num_blocks = config.kv_cache_bytes // kv.block_bytes(block_size)

@@ -39,6 +39,7 @@ from decoder_service.kv_cache import PagedKVCache
 from decoder_service.llama import ChunkRows, DecodeRows, LlamaTextModel
 from decoder_service.rope import rotary_table
 from decoder_service.sampler import index_tensors, sample
+from decoder_service.text_config import position_limit
 from runtime.buckets import pad_to_bucket
 from runtime.checkpoint import Checkpoint, text_state_dict
 from runtime.compile_guard import CompileGuard
@@ -116,8 +117,9 @@ class ModelRunner:
         text = checkpoint.config.text_config
         self.device = device
         self.dtype = getattr(torch, config.dtype)
-        self.shapes: DecoderShapes = derive_shapes(config, text.max_position_embeddings,
-                                                   kv_geometry(text, self.dtype))
+        limit, limit_name = position_limit(text)
+        self.shapes: DecoderShapes = derive_shapes(config, limit, kv_geometry(text, self.dtype),
+                                                   limit_name)
         self.vocab_size = int(text.vocab_size)
         self.hidden_size = int(text.hidden_size)
         self.guard = CompileGuard(device, strict=config.strict_compile, name="decoder")

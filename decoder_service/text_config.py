@@ -36,18 +36,31 @@ def check_rope(cfg, max_len: int | None = None) -> None:
             "max_position_embeddings"))
 
 
+def position_limit(cfg) -> tuple[int, str]:
+    """The most positions the decoder serves exactly, and the config field that sets them:
+    `max_position_embeddings`, or a shorter `sliding_window` (the decoder attends over the
+    whole context, so it serves a windowed model only within its window, as vLLM does with
+    `--disable-sliding-window`). The default `max_model_len`."""
+    limit = int(cfg.max_position_embeddings)
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and int(window) < limit:
+        return int(window), "sliding_window"
+    return limit, "max_position_embeddings"
+
+
 def check_text_config(cfg, max_len: int | None = None) -> None:
     """Raises a ValueError naming the field when the text model is not one the decoder
-    computes exactly: its model_type, activation, RoPE, or a sliding window shorter than the
-    `max_len` positions served (Mistral v0.1's 4,096)."""
+    computes exactly: its model_type, activation, RoPE, or `max_len` positions served past
+    `position_limit` (a sliding window shorter than that: Mistral v0.1's 4,096)."""
     kind = getattr(cfg, "model_type", "llama")
     if kind not in LLAMA_SHAPED:
         raise ValueError(f"unsupported text_config.model_type {kind!r}: the decoder computes "
                          f"{' and '.join(LLAMA_SHAPED)} language models")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported text_config.hidden_act {cfg.hidden_act!r}: Llama uses silu")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and max_len is not None and max_len > window:
-        raise ValueError(f"text_config.sliding_window {window} is shorter than max_model_len "
-                         f"{max_len}: the decoder attends over the whole context")
+    limit, field = position_limit(cfg)
+    if max_len is not None and max_len > limit:
+        reason = (": the decoder attends over the whole context" if field == "sliding_window"
+                  else "")
+        raise ValueError(f"max_model_len {max_len} exceeds the model's {field} ({limit}){reason}")
     check_rope(cfg, max_len)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from decoder_service.config import DecoderConfig
-from decoder_service.text_config import check_text_config
+from decoder_service.text_config import check_text_config, position_limit
 from deploy.affinity import ROUTER_CLASS
 from deploy.colocated import ColocatedDeployment
 from deploy.decoder import DRAIN_OPTIONS, DecoderDeployment
@@ -154,8 +154,7 @@ def check_deploy(model: str, encoder: EncoderConfig, decoder: DecoderConfig,
     config = open_config(model)
     geometry = geometry_of(config)  # the one rule for tokens per image; refuses unknown towers
     warn_if_misstated(model, config, geometry)
-    max_model_len = decoder.max_model_len or geometry.max_position_embeddings
-    check_text_config(config.text_config, max_model_len)  # a language model the decoder computes
+    max_model_len = decoder.max_model_len or position_limit(config.text_config)[0]
     # The router expands <image> with the same count: refuses a processor that disagrees.
     # LLaVA-NeXT's count varies per image; the processor must be able to say it, and the
     # encoder must be able to pack its tiles (strategy, pinpoints).
@@ -166,6 +165,7 @@ def check_deploy(model: str, encoder: EncoderConfig, decoder: DecoderConfig,
     if max_model_len > geometry.max_position_embeddings:
         raise ValueError(f"decoder.max_model_len: {max_model_len} exceeds the model's "
                          f"max_position_embeddings ({geometry.max_position_embeddings})")
+    check_text_config(config.text_config, max_model_len)  # a language model the decoder computes
     if max_model_len <= geometry.tokens_per_image + 1:
         raise ValueError(f"decoder.max_model_len: {max_model_len} tokens cannot hold one image "
                          f"({geometry.tokens_per_image} tokens) and a reply")

@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from decoder_service.llama import LlamaTextModel
 from decoder_service.rope import rotary_table
-from decoder_service.text_config import check_rope
+from decoder_service.config import DecoderConfig, KVGeometry, derive_shapes
+from decoder_service.text_config import check_rope, position_limit
 
 HEAD_DIM, MAX_POSITIONS = 32, 1024
 
@@ -62,12 +63,20 @@ def _small(config_class, **extra):
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **extra)
 
 
-def test_mistral_shaped_text_models_load_and_a_window_inside_the_served_length_is_refused():
-    model = LlamaTextModel(_small(MistralConfig, sliding_window=None), max_len=4096)
+def test_mistral_shaped_text_models_load_and_are_served_within_their_sliding_window():
+    model = LlamaTextModel(_small(MistralConfig, sliding_window=None), max_len=8192)
     assert model.num_kv_heads == 2 and model.head_dim == 16
-    LlamaTextModel(_small(MistralConfig, sliding_window=4096), max_len=4096)  # never reached
-    with pytest.raises(ValueError, match="text_config.sliding_window 4096 is shorter than max_model_len 8192"):
-        LlamaTextModel(_small(MistralConfig, sliding_window=4096), max_len=8192)
+    assert position_limit(_small(MistralConfig, sliding_window=None)) == (131072, "max_position_embeddings")
+    windowed = _small(MistralConfig, sliding_window=4096)
+    assert position_limit(windowed) == (4096, "sliding_window")  # the default max_model_len
+    LlamaTextModel(windowed, max_len=4096)  # the window is never reached
+    with pytest.raises(ValueError, match=r"max_model_len 8192 exceeds the model's sliding_window \(4096\)"):
+        LlamaTextModel(windowed, max_len=8192)
+    limit, field = position_limit(windowed)
+    kv = KVGeometry(num_layers=1, num_kv_heads=2, head_dim=16, dtype_bytes=4)
+    assert derive_shapes(DecoderConfig(model="m"), limit, kv, field).max_model_len == 4096
+    with pytest.raises(ValueError, match=r"max_model_len \(8192\) exceeds the model's sliding_window"):
+        derive_shapes(DecoderConfig(model="m", max_model_len=8192), limit, kv, field)
 
 
 def test_another_architecture_is_refused_by_name():
