@@ -12,9 +12,10 @@ Three entry points, each traced into one graph per bucket pair:
   in two.
 Positions, block ids and masks are tensors; the only Python ints are bucket sizes.
 Numerics follow transformers' Llama (RMSNorm in float32, rotate-half RoPE, GQA),
-so greedy tokens match `LlavaForConditionalGeneration.generate`; Mistral's text models are
-the same computation (`text_config.check_text_config` says which configs qualify), and the RoPE
-variants differ only in their cos/sin tables (`decoder_service/rope.py`).
+so greedy tokens match `LlavaForConditionalGeneration.generate`. Mistral's and Qwen2's text
+models are the same computation (Qwen2 with biases on q/k/v; `text_config.check_text_config`
+says which configs qualify), and the RoPE variants differ only in their cos/sin tables
+(`decoder_service/rope.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoder_service.kv_cache import PagedKVCache
-from decoder_service.text_config import check_text_config
+from decoder_service.text_config import check_text_config, projection_biases
 
 
 class Linear(nn.Module):
@@ -120,11 +121,11 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        bias = getattr(cfg, "attention_bias", False)
+        bias, o_bias = projection_biases(cfg)
         self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
 
     def qkv(self, x, cos, sin):
         n = x.shape[0]

@@ -1,16 +1,17 @@
 """Which text models the decoder computes exactly, read from the config alone (no torch: the
 app builder checks a deploy with it before any replica starts).
 
-The decoder is transformers' Llama (`llama.py`); Mistral's text models are the same
-computation while no sliding window cuts attention short. A RoPE variant is only a different
-cos/sin table (`rope.py`) when its frequencies do not change with the sequence's length:
-`default`, and transformers' `linear`, `llama3` and `yarn` scalings; `dynamic` changes them
-only past `max_position_embeddings`, so it qualifies while the served length stays within it.
+The decoder is transformers' Llama (`llama.py`); Mistral's and Qwen2's text models are the
+same computation (Qwen2 with biases on q/k/v alone) while no sliding window cuts attention
+short. A RoPE variant is only a different cos/sin table (`rope.py`) when its frequencies do
+not change with the sequence's length: `default`, and transformers' `linear`, `llama3` and
+`yarn` scalings; `dynamic` changes them only past `max_position_embeddings`, so it qualifies
+while the served length stays within it.
 """
 
 from __future__ import annotations
 
-LLAMA_SHAPED = ("llama", "mistral")  # text model types whose weights and math are Llama's
+LLAMA_SHAPED = ("llama", "mistral", "qwen2")  # text model types whose math is Llama's
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -36,6 +37,15 @@ def check_rope(cfg, max_len: int | None = None) -> None:
             "max_position_embeddings"))
 
 
+def projection_biases(cfg) -> tuple[bool, bool]:
+    """Whether the attention's (q/k/v, o) projections have biases: Llama's and Mistral's
+    `attention_bias` sets both; Qwen2 always has them on q/k/v and never on o."""
+    if getattr(cfg, "model_type", "llama") == "qwen2":
+        return True, False
+    bias = bool(getattr(cfg, "attention_bias", False))
+    return bias, bias
+
+
 def position_limit(cfg) -> tuple[int, str]:
     """The most positions the decoder serves exactly, and the config field that sets them:
     `max_position_embeddings`, or a shorter `sliding_window` (the decoder attends over the
@@ -55,7 +65,7 @@ def check_text_config(cfg, max_len: int | None = None) -> None:
     kind = getattr(cfg, "model_type", "llama")
     if kind not in LLAMA_SHAPED:
         raise ValueError(f"unsupported text_config.model_type {kind!r}: the decoder computes "
-                         f"{' and '.join(LLAMA_SHAPED)} language models")
+                         f"{', '.join(LLAMA_SHAPED)} language models")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported text_config.hidden_act {cfg.hidden_act!r}: Llama uses silu")
     limit, field = position_limit(cfg)

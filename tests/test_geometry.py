@@ -199,7 +199,7 @@ def test_a_language_model_the_decoder_does_not_compute_is_refused_at_build(tiny_
                                                 "factor": 2.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     _check(tmp_path, max_model_len=128)  # within max_position_embeddings: one rotary table
-    config["text_config"]["model_type"] = "qwen2"
+    config["text_config"]["model_type"] = "gemma"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported text_config.model_type 'qwen2'"):
+    with pytest.raises(ValueError, match="unsupported text_config.model_type 'gemma'"):
         build_app({"model": str(tmp_path), "decoder": {"max_model_len": 64}})

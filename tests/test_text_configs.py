@@ -1,11 +1,11 @@
 """Which text models the decoder computes: its rotary tables equal transformers' Llama RoPE for
-every variant it serves, Mistral-shaped models load, and what it would compute differently
+every variant it serves, Mistral and Qwen2 models compute as transformers' do, and what it would compute differently
 (a length-dependent RoPE, a sliding window inside the served length, another architecture)
 is refused by name."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from decoder_service.llama import LlamaTextModel
@@ -80,15 +80,16 @@ def test_mistral_shaped_text_models_load_and_are_served_within_their_sliding_win
 
 
 def test_another_architecture_is_refused_by_name():
-    with pytest.raises(ValueError, match="unsupported text_config.model_type 'qwen2'"):
-        LlamaTextModel(_small(Qwen2Config))
+    with pytest.raises(ValueError, match="unsupported text_config.model_type 'gemma'"):
+        LlamaTextModel(_small(GemmaConfig))
 
 
 @pytest.mark.parametrize("config_class, extra", [
     (LlamaConfig, {}),
     (LlamaConfig, {"rope_parameters": VARIANTS["llama3"], "attention_bias": True}),
     (MistralConfig, {"sliding_window": None}),
-], ids=["llama", "llama3 rope, biases", "mistral"])
+    (Qwen2Config, {"tie_word_embeddings": True}),
+], ids=["llama", "llama3 rope, biases", "mistral", "qwen2"])
 def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
     """The whole text model, eager on the CPU: one prompt's last-token logits equal
     transformers' `*ForCausalLM` with the same weights."""
@@ -100,6 +101,10 @@ def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
     torch.manual_seed(0)
     config = _small(config_class, max_position_embeddings=MAX_POSITIONS, **extra)
     reference = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith("bias"):  # initialised to zero: make a missing one show
+                parameter.normal_()
     model = LlamaTextModel(config, max_len=MAX_POSITIONS)
     state = {k.removeprefix("model."): v for k, v in reference.state_dict().items()}
     model.load_state_dict(state, strict=True)

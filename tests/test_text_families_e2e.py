@@ -1,11 +1,13 @@
-"""A LLaVA whose language model is a Mistral with a sliding window, llama3-scaled RoPE and a
-head tied to its embeddings, served end to end over HTTP: token-exact against transformers'
-own LLaVA, and served up to its window by default."""
+"""LLaVAs on other language models, served end to end over HTTP and token-exact against
+transformers' own LLaVA: a Mistral with a sliding window (served up to its window by
+default), llama3-scaled RoPE and a head tied to its embeddings; and a SigLIP tower with a
+Qwen2 (biases on q/k/v, tied head), as llava-hf's llava-interleave-qwen checkpoints are."""
 
 import json
 import threading
 
 import httpx
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -38,11 +40,46 @@ def _mistral_variant(tiny_checkpoint, target):
     return target
 
 
+def _siglip_qwen2(tiny_checkpoint, target):
+    """A tiny SigLIP + Qwen2 LLaVA ("full" features: SigLIP has no CLS row), with the demo's
+    tokenizer and chat template and a SigLIP image processor."""
+    from transformers import (LlavaConfig, LlavaProcessor, Qwen2Config, SiglipImageProcessorPil,
+                              SiglipVisionConfig)
+
+    from deploy.demo_checkpoint import SIZES, TEXT_INIT_RANGE
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    tokenizer, demo = processor.tokenizer, json.loads((tiny_checkpoint / "config.json").read_text())
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, image_size=64, patch_size=16)
+    text = Qwen2Config(**SIZES["tiny"].text, vocab_size=demo["text_config"]["vocab_size"],
+                       initializer_range=TEXT_INIT_RANGE, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=demo["image_token_index"], image_seq_length=16,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # biases start at zero: give q/k/v's some weight
+        for name, parameter in model.named_parameters():
+            if "language_model" in name and name.endswith("_proj.bias"):
+                parameter.normal_(0.0, TEXT_INIT_RANGE)
+    model.generation_config = LlavaForConditionalGeneration.from_pretrained(
+        tiny_checkpoint).generation_config
+    model.save_pretrained(target)
+    LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": 64, "width": 64}),
+                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="full",
+                   num_additional_image_tokens=0, chat_template=processor.chat_template,
+                   image_token=processor.image_token).save_pretrained(target)
+    return target
+
+
 def _transformers_answer(path, photo, question):
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    assert type(model.model.language_model).__name__ == "MistralModel"
-    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied
     text = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True,
         tokenize=False)
@@ -53,10 +90,16 @@ def _transformers_answer(path, photo, question):
     return prompt_tokens, processor.decode(out[0, prompt_tokens:], skip_special_tokens=True)
 
 
-def test_a_mistral_llava_with_scaled_rope_and_a_tied_head_answers_like_transformers(
-        ray_serve, serve_http_port, tiny_checkpoint, tmp_path, photos):
-    path = _mistral_variant(tiny_checkpoint, tmp_path / "mistral")
-    name = "mistral-tied-llama3"
+@pytest.mark.parametrize("name, build, language_model, max_model_len", [
+    ("mistral-tied-llama3", _mistral_variant, "MistralModel", WINDOW),  # not max_position_embeddings
+    ("siglip-qwen2", _siglip_qwen2, "Qwen2Model", 1024),
+])
+def test_a_llava_on_another_language_model_answers_like_transformers(
+        ray_serve, serve_http_port, tiny_checkpoint, tmp_path, photos, name, build, language_model,
+        max_model_len):
+    path = build(tiny_checkpoint, tmp_path / name)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    assert type(model.model.language_model).__name__ == language_model
     app = build_app({"model": str(path), "served_model_name": name, "strict_compile": True,
                      "decoder": {"max_num_seqs": 2}, "encoder": {"max_batch_items": 2}})
     ray_serve.run(app, name=name, route_prefix=f"/{name}")
@@ -65,7 +108,7 @@ def test_a_mistral_llava_with_scaled_rope_and_a_tied_head_answers_like_transform
         outcome = wait_until_ready([health_probe(f"{url}/health")], threading.Event(), timeout_s=300)
         assert outcome.state == "ready", outcome.detail
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
-        assert models["data"][0]["max_model_len"] == WINDOW  # not max_position_embeddings (1024)
+        assert models["data"][0]["max_model_len"] == max_model_len
         question = "What is in this picture?"
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": name, "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [
