@@ -75,3 +75,43 @@ def embedding_refs(store, model_id, features):
         meta = EmbeddingMeta(key, array.shape[0], array.shape[1], "float32", model_id)
         refs.append(EmbeddingRef(meta, store.put(array)))
     return tuple(refs)
+
+
+def transformers_answer(path, photo, question: str, max_tokens: int) -> tuple[int, str]:
+    """transformers' own LLaVA on the checkpoint at `path` (eager fp32 on the CPU, greedy):
+    (prompt tokens, answer text) for `question` about `photo`."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True,
+        tokenize=False)
+    inputs = processor(text=text, images=[photo], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    return prompt_tokens, processor.decode(out[0, prompt_tokens:], skip_special_tokens=True)
+
+
+def assert_answers_like_transformers(url: str, name: str, path, photo, max_tokens: int = 8,
+                                     question: str = "What is in this picture?") -> None:
+    """Asks the app at `url` (served model `name`) about `photo` over HTTP, greedily: its prompt
+    tokens and answer equal transformers' on the checkpoint at `path`, and neither half
+    compiled a graph after warm-up."""
+    import httpx
+
+    reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": name, "max_tokens": max_tokens, "temperature": 0, "messages": [
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(photo)}},
+                {"type": "text", "text": question}]}]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    prompt_tokens, text = transformers_answer(path, photo, question, max_tokens)
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert body["choices"][0]["message"]["content"] == text
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    assert health["encoder"]["compilations_after_warmup"] == 0
+    assert health["decoder"]["compilations_after_warmup"] == 0

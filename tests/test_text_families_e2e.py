@@ -4,7 +4,6 @@ default), llama3-scaled RoPE and a head tied to its embeddings; and a SigLIP tow
 Qwen2 (biases on q/k/v, tied head), as llava-hf's llava-interleave-qwen checkpoints are."""
 
 import json
-import threading
 
 import httpx
 import pytest
@@ -12,11 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from deploy.app import build_app
-from deploy.startup import health_probe, wait_until_ready
-from tests.support import image_data_url
+from tests.support import assert_answers_like_transformers, deployed_app
 
-MAX_TOKENS, WINDOW = 8, 512
+WINDOW = 512
 
 
 def _mistral_variant(tiny_checkpoint, target):
@@ -76,20 +73,6 @@ def _siglip_qwen2(tiny_checkpoint, target):
     return target
 
 
-def _transformers_answer(path, photo, question):
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied
-    text = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True,
-        tokenize=False)
-    inputs = processor(text=text, images=[photo], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-    prompt_tokens = inputs["input_ids"].shape[1]
-    return prompt_tokens, processor.decode(out[0, prompt_tokens:], skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("name, build, language_model, max_model_len", [
     ("mistral-tied-llama3", _mistral_variant, "MistralModel", WINDOW),  # not max_position_embeddings
     ("siglip-qwen2", _siglip_qwen2, "Qwen2Model", 1024),
@@ -100,27 +83,10 @@ def test_a_llava_on_another_language_model_answers_like_transformers(
     path = build(tiny_checkpoint, tmp_path / name)
     model = LlavaForConditionalGeneration.from_pretrained(path)
     assert type(model.model.language_model).__name__ == language_model
-    app = build_app({"model": str(path), "served_model_name": name, "strict_compile": True,
-                     "decoder": {"max_num_seqs": 2}, "encoder": {"max_batch_items": 2}})
-    ray_serve.run(app, name=name, route_prefix=f"/{name}")
-    url = f"http://127.0.0.1:{serve_http_port}/{name}"
-    try:
-        outcome = wait_until_ready([health_probe(f"{url}/health")], threading.Event(), timeout_s=300)
-        assert outcome.state == "ready", outcome.detail
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied
+    args = {"model": str(path), "served_model_name": name, "strict_compile": True,
+            "decoder": {"max_num_seqs": 2}, "encoder": {"max_batch_items": 2}}
+    with deployed_app(ray_serve, serve_http_port, name, args, route_prefix=f"/{name}") as url:
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert models["data"][0]["max_model_len"] == max_model_len
-        question = "What is in this picture?"
-        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": name, "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [
-                {"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_data_url(photos[1])}},
-                    {"type": "text", "text": question}]}]})
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        prompt_tokens, text = _transformers_answer(path, photos[1], question)
-        assert body["usage"]["prompt_tokens"] == prompt_tokens
-        assert body["choices"][0]["message"]["content"] == text
-        health = httpx.get(f"{url}/health", timeout=30).json()
-        assert health["decoder"]["compilations_after_warmup"] == 0
-    finally:
-        ray_serve.delete(name)
+        assert_answers_like_transformers(url, name, path, photos[1])
