@@ -193,7 +193,6 @@ class LlamaTextModel(nn.Module):
         """`max_len`: the positions the replica serves, where known (see `check_text_config`)."""
         super().__init__()
         check_text_config(cfg, max_len)
-        self.config = cfg  # the rotary table's source (`rope.rotary_table`)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -126,7 +126,7 @@ class ModelRunner:
         with self.guard.compiling():  # device set-up syncs: never beside another thread's step
             self.model = load_text_model(checkpoint, self.dtype,
                                          self.shapes.max_model_len).to(device.torch_device)
-            cos, sin = rotary_table(self.model.config, self.model.head_dim, self.shapes.max_model_len)
+            cos, sin = rotary_table(text, self.model.head_dim, self.shapes.max_model_len)
             # In the model's dtype, as transformers' Llama casts them: q and k stay in it.
             self.cos = cos.to(self.dtype).to(device.torch_device)
             self.sin = sin.to(self.dtype).to(device.torch_device)
