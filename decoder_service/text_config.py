@@ -72,5 +72,6 @@ def check_text_config(cfg, max_len: int | None = None) -> None:
     if max_len is not None and max_len > limit:
         reason = (": the decoder attends over the whole context" if field == "sliding_window"
                   else "")
-        raise ValueError(f"max_model_len {max_len} exceeds the model's {field} ({limit}){reason}")
+        raise ValueError(f"decoder.max_model_len: {max_len} exceeds the model's {field} "
+                         f"({limit}){reason}")
     check_rope(cfg, max_len)

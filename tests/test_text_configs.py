@@ -70,7 +70,7 @@ def test_mistral_shaped_text_models_load_and_are_served_within_their_sliding_win
     windowed = _small(MistralConfig, sliding_window=4096)
     assert position_limit(windowed) == (4096, "sliding_window")  # the default max_model_len
     LlamaTextModel(windowed, max_len=4096)  # the window is never reached
-    with pytest.raises(ValueError, match=r"max_model_len 8192 exceeds the model's sliding_window \(4096\)"):
+    with pytest.raises(ValueError, match=r"decoder.max_model_len: 8192 exceeds the model's sliding_window \(4096\)"):
         LlamaTextModel(windowed, max_len=8192)
     limit, field = position_limit(windowed)
     kv = KVGeometry(num_layers=1, num_kv_heads=2, head_dim=16, dtype_bytes=4)
