@@ -56,8 +56,10 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
-        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
-        self.hit_tokens = 0  # of those, found cached
+        # Prompt tokens looked up in the prefix cache when a request is first admitted, and of
+        # those, found cached. A preempted sequence finding its own blocks again is not a hit.
+        self.queried_tokens = 0
+        self.hit_tokens = 0
 
     @property
     def num_free(self) -> int:
@@ -87,13 +89,16 @@ class BlockManager:
         """Free blocks a sequence would consume: its new blocks plus cached ones now evictable."""
         return new_blocks + sum(1 for b in cached if b in self._evictable)
 
-    def acquire(self, cached: list[int], num_tokens: int) -> None:
-        """Takes cached blocks for a new sequence and counts the lookup."""
+    def acquire(self, cached: list[int]) -> None:
+        """Takes cached blocks for a sequence being admitted."""
         for block in cached:
             self._evictable.pop(block, None)
             self._refs[block] += 1
+
+    def count_lookup(self, num_tokens: int, cached_blocks: int) -> None:
+        """A new request's prompt of `num_tokens` found `cached_blocks` blocks cached."""
         self.queried_tokens += num_tokens
-        self.hit_tokens += len(cached) * self.block_size
+        self.hit_tokens += cached_blocks * self.block_size
 
     def allocate(self, count: int) -> list[int]:
         if count > self.num_free:

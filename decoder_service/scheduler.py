@@ -173,7 +173,9 @@ class Scheduler:
         if (-(-end // bs) > context_room
                 or self.blocks.blocks_to_admit(cached, new_blocks) > self.blocks.num_free):
             return None
-        self.blocks.acquire(cached, seq.num_tokens)
+        self.blocks.acquire(cached)
+        if not seq.num_preemptions:
+            self.blocks.count_lookup(seq.num_tokens, len(cached))
         seq.block_table = cached + self.blocks.allocate(new_blocks)
         seq.num_computed = start
         if self.blocks.enable_prefix_caching:
@@ -203,6 +205,7 @@ class Scheduler:
         self._release(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+        seq.num_preemptions += 1
         self.preemptions += 1
 
     def _stop_computing(self, seq: Sequence, hashes: list[bytes]) -> None:

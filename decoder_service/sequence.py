@@ -68,6 +68,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, a chain
     num_computed: int = 0  # tokens whose KV is in the pool
     prefilled: bool = False  # every known token was computed once: the sequence decodes
+    num_preemptions: int = 0  # times its blocks were taken back: each re-admission recomputes
     grammar: Any = None  # grammar.GrammarState under response_format, else None
     stop_ids: tuple[int, ...] = ()  # EOS and stop_token_ids: banned until min_tokens are out
 

@@ -42,7 +42,9 @@ def test_pool_counts_references_and_evicts_cached_blocks_lru():
     pool.register(a, [b"a0", b"a1"])
     b = pool.allocate(2)
     assert pool.num_free == 0 and 0 not in a + b
-    pool.acquire(pool.match_prefix([b"a0", b"a1", b"zz"]), num_tokens=12)
+    cached = pool.match_prefix([b"a0", b"a1", b"zz"])
+    pool.acquire(cached)
+    pool.count_lookup(12, len(cached))
     assert pool.hit_tokens == 8 and pool.queried_tokens == 12
     pool.release(a)
     pool.release(a)  # both users gone: cached and evictable, the tail first
@@ -115,6 +117,10 @@ def test_a_full_pool_makes_work_wait_or_preempts_and_outputs_stay_exact():
         assert tokens_of(out) == expected_tokens(prompt, 60), seq.request_id
     assert engine.scheduler.preemptions > 0
     assert engine.scheduler.blocks.num_used == 0
+    # Each prompt is looked up once, at its first admission: a preempted sequence finding its
+    # own blocks again is not a prefix-cache hit, and these prompts share no prefix.
+    blocks = engine.scheduler.blocks
+    assert (blocks.queried_tokens, blocks.hit_tokens) == (sum(len(p) for _, p, _ in seqs), 0)
 
 
 def test_randomized_workload_is_exact_and_uses_only_warmdecoder_shapes():
