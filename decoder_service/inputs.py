@@ -237,7 +237,8 @@ def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, graph: tuple[in
         x.key_seq[keys] = j
         x.key_positions[keys] = np.arange(used * bs)
         x.last_index[j] = offset + n - 1
-        _set_sampling(x.sampling, j, seq, vocab_size)
+        if chunk.completes:  # the other rows' samples are dropped: they keep neutral settings
+            _set_sampling(x.sampling, j, seq, vocab_size)
         offset += n
         block_offset += used
     return x

@@ -31,7 +31,7 @@ released (they stay cached) and it waits at the head of the queue to be computed
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from decoder_service.block_manager import BlockManager, extend_block_hashes
 from decoder_service.config import DecoderShapes
@@ -45,15 +45,16 @@ class Chunk:
     seq: Sequence
     start: int
     end: int
+    # Computes the sequence's last known token, so its logits give the next one. Fixed when the
+    # chunk is made: the step's own token, once appended, must not change the answer.
+    completes: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "completes", self.end == self.seq.num_tokens)
 
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
-
-    @property
-    def completes(self) -> bool:
-        """Computes the sequence's last known token: its logits give the next token."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import pytest
 
 from decoder_service.config import DecoderConfig
 from decoder_service.graph_times import GraphTimes
-from decoder_service.inputs import decodes_as_chunks
+from decoder_service.inputs import build_prefill, decodes_as_chunks
+from decoder_service.scheduler import Chunk
 from runtime.host_cpu import HostCpu
 from tests.decoder_harness import (
     fake_engine,
@@ -334,3 +335,20 @@ def test_chunk_boundaries_inside_an_image_keep_its_rows():
     run_to_end(engine)
     assert tokens_of(out) == expected_tokens(values, 8)  # 16-token chunks cut images at 11, 27, ...
 
+
+
+def test_only_a_chunk_that_completes_its_prompt_carries_sampling_settings():
+    """A chunk that ends before its prompt does is never sampled: its row keeps the neutral
+    padding, so no history is copied and no grammar filled for it."""
+    shapes = decoder_shapes(TINY_KV, 1024)
+    settings = dict(temperature=0.7, top_k=5, frequency_penalty=0.5, logit_bias=((7, 2.0),))
+    first, second = (plain_seq(rid, [101] + list(range(1000, 1040)), **settings) for rid in "ab")
+    for seq in (first, second):
+        seq.block_table = [1, 2, 3]
+    chunks = [Chunk(first, 0, 20), Chunk(second, 0, 41)]
+    assert [c.completes for c in chunks] == [False, True]
+    rows = build_prefill(chunks, shapes, graph=(64, 8), hidden_size=4, vocab_size=2048).sampling
+    assert (rows.temperature[0], rows.top_k[0], rows.frequency[0]) == (0.0, 2048, 0.0)
+    assert (rows.temperature[1], rows.top_k[1], rows.frequency[1]) == (pytest.approx(0.7), 5, 0.5)
+    assert (rows.history_ids[0] == 2048).all() and rows.history_ids[1, :41].tolist() == second.prompt_ids
+    assert rows.bias_ids[1, 0] == 7 and (rows.bias_ids[0] == 2048).all()
