@@ -2,7 +2,7 @@
 
 `DecoderShapes` is the single list of padded sizes: warm-up compiles exactly
 these graphs, and the runtime pads to the same lists with
-`runtime.buckets.pad_to_bucket`. Two graph families (docs/decoder.md):
+`runtime.buckets.pad_to_bucket`. Three graph families (docs/decoder.md):
 
 - decode: (sequences per step, KV blocks attended per sequence);
 - prefill: (chunk tokens per step, KV blocks of context over the step's prompts);

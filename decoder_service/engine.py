@@ -270,7 +270,7 @@ class Engine:
         for i, (seq, row) in enumerate(zip(seqs, rows)):
             request = self._requests.get(seq.request_id)
             if request is None or request.seq is not seq:
-                continue  # aborted meanwhile
+                continue  # defensive: aborts and failures apply between steps, not within one
             try:
                 self.scheduler.advance(seq, computed[i])
                 if sampled is None or sampled[i]:

@@ -65,11 +65,10 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, shapes: DecoderShapes, blocks: BlockManager, max_num_batched_tokens: int,
+    def __init__(self, shapes: DecoderShapes, blocks: BlockManager,
                  chunk_tokens_while_decoding: int) -> None:
-        self.shapes = shapes
+        self.shapes = shapes  # its max_chunk_tokens is the step's budget, max_num_batched_tokens
         self.blocks = blocks
-        self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_tokens_while_decoding = chunk_tokens_while_decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
@@ -88,7 +87,7 @@ class Scheduler:
         this host computes a batch or is about to (the module docstring)."""
         decodes = self._schedule_decodes()
         beside_encoder = encoder_busy and 2 * len(decodes) >= self.shapes.max_num_seqs
-        budget = min(self.max_num_batched_tokens - len(decodes), self.shapes.max_chunk_tokens)
+        budget = self.shapes.max_chunk_tokens - len(decodes)
         if decodes:
             cap = self.chunk_tokens_while_decoding
             budget = min(budget, max(1, cap // 2) if contended or beside_encoder else cap)

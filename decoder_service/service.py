@@ -74,8 +74,7 @@ class DecoderService:
         self.runner.warm_up(full=config.full_warmup, progress=warmup_progress)
         blocks = BlockManager(self.shapes.num_blocks, self.shapes.block_size,
                               config.enable_prefix_caching)
-        scheduler = Scheduler(self.shapes, blocks, config.max_num_batched_tokens,
-                              config.chunk_tokens_while_decoding)
+        scheduler = Scheduler(self.shapes, blocks, config.chunk_tokens_while_decoding)
         host = HostCpu()  # background compiles yield to it; on a CPU device, steps watch it
         self.engine = Engine(self.runner, scheduler, self.tokenizer, self.eos_token_id,
                              compiles=BackgroundCompiles(

@@ -48,9 +48,8 @@ def fake_engine(kv=TINY_KV, max_position_embeddings=1024, prefix_caching=True, a
     shapes = decoder_shapes(kv, max_position_embeddings, **overrides)
     runner = FakeRunner(shapes, all_warm=all_warm)
     blocks = BlockManager(shapes.num_blocks, shapes.block_size, prefix_caching)
-    budget = overrides.get("max_num_batched_tokens", 64)
-    cap = overrides.get("max_chunk_tokens_while_decoding", budget)  # default: no cap
-    scheduler = Scheduler(shapes, blocks, budget, cap)
+    cap = overrides.get("max_chunk_tokens_while_decoding", shapes.max_chunk_tokens)  # default: none
+    scheduler = Scheduler(shapes, blocks, cap)
     compiles = BackgroundCompiles(runner, host_cpu=HostCpu(read=lambda: None))  # always spare CPUs
     engine = Engine(runner, scheduler, TOKENIZER, eos_token_id=102, compiles=compiles,
                     graph_times=graph_times, clock=clock or time.monotonic)
