@@ -291,8 +291,8 @@ class ModelRunner:
         (graphs compiled, graphs to compile before serving, graphs planned) as it goes."""
         started = time.perf_counter()
         self.guard.start_warmup()
-        log.info("decoder: %d prefill and %d decode graphs planned; compiling %s first",
-                 len(self.plans["prefill"].planned), len(self.plans["decode"].planned),
+        log.info("decoder: graphs planned: %s; compiling %s first",
+                 ", ".join(f"{len(plan.planned)} {kind}" for kind, plan in self.plans.items()),
                  "all" if full else "the covering prefill graph")
         report = warmup_reporter(progress, lambda: self.graphs_compiled, self.graphs_planned, full)
         report()

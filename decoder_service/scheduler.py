@@ -13,10 +13,11 @@ best, or other processes' threads wait for every core, as the encoder's do besid
 decoder on a CPU host; graph_times.py), the cap halves: a contended step takes about
 twice as long, and would stall the running streams twice as long as the cap was chosen
 for. An encoder on the same host that has announced a batch (`encoder_busy`,
-runtime/chunk_step_gate.py) halves it too, once at least half the decode batch runs: the
-step is then marked `beside_encoder` and does not make the encoder wait. With fewer
-streams running, the prompts filling the batch go first: the step keeps its whole chunk
-and the encoder waits for it.
+runtime/chunk_step_gate.py) halves it too, once at least half of `max_num_seqs` decode
+(counted as they are; whether a step runs on the mixed graph counts its batch bucket
+instead, runner.mixed_graph_for): the step is then marked `beside_encoder` and does not
+make the encoder wait. With fewer streams running, the prompts filling the batch go first:
+the step keeps its whole chunk and the encoder waits for it.
 
 Chunks go first to prompts already started, in admission order, then to waiting
 requests (first come, first served), each of which first takes its longest cached
@@ -157,7 +158,9 @@ class Scheduler:
 
     def _reusable_hashes(self, seq: Sequence) -> list[bytes]:
         """Hashes of `seq`'s full blocks before its last token, which is always computed (its
-        logits give the next token)."""
+        logits give the next token); none without prefix caching."""
+        if not self.blocks.enable_prefix_caching:
+            return []
         bs = self.shapes.block_size
         return extend_block_hashes(seq, bs, (seq.num_tokens - 1) // bs)
 

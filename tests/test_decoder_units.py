@@ -85,6 +85,19 @@ def test_a_repeated_image_prefix_is_reused_and_a_different_image_is_not():
     assert blocks.hit_tokens == 16 + 32  # both of q1's full blocks (40 tokens: the last recomputed)
 
 
+def test_without_prefix_caching_nothing_is_hashed_or_reused():
+    engine, _ = fake_engine(kv_cache_bytes=2**20, prefix_caching=False)
+    values = {"cat": 100}
+    seqs = [image_seq(f"q{i}", [101] * 4, ["cat"], [11] * 20, value_of=values) for i in range(2)]
+    for seq, prompt_values in seqs:  # one after the other: the first's blocks could be reused
+        out = submit(engine, seq)
+        run_to_end(engine)
+        assert tokens_of(out) == expected_tokens(prompt_values, 8)
+    blocks = engine.scheduler.blocks
+    assert blocks.hit_tokens == 0 and blocks.num_cached == 0
+    assert all(seq.block_hashes == [] for seq, _ in seqs)
+
+
 def test_an_image_sent_twice_at_once_is_prefilled_once():
     engine, _ = fake_engine(kv_cache_bytes=2**20)  # a 64-token step, no cap: room for all three
     values = {"cat": 100, "dog": 200}
