@@ -141,7 +141,11 @@ class DecoderShapes:
 
     @property
     def max_blocks_per_seq(self) -> int:
-        return -(-self.max_model_len // self.block_size)
+        return self.blocks_for(self.max_model_len)
+
+    def blocks_for(self, positions: int) -> int:
+        """KV blocks that hold `positions` positions (a context, or a chunk's end)."""
+        return -(-positions // self.block_size)
 
     def decode_blocks_for(self, batch: int) -> tuple[int, ...]:
         """The KV-block buckets of decode graphs of `batch` sequences (a batch bucket): with

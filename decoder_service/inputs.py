@@ -120,13 +120,13 @@ def _set_sampling(rows: SamplingRows, i: int, seq: Sequence, vocab_size: int) ->
 
 def decode_need(seqs: list[Sequence], shapes: DecoderShapes) -> tuple[int, int]:
     """(sequences, KV blocks of the longest context): the least graph a decode step fits."""
-    return len(seqs), -(-max(s.num_tokens for s in seqs) // shapes.block_size)
+    return len(seqs), shapes.blocks_for(max(s.num_tokens for s in seqs))
 
 
 def prefill_need(chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
     """(chunk tokens, context blocks): the least graph a prefill step fits."""
     return (sum(c.num_tokens for c in chunks),
-            sum(-(-c.end // shapes.block_size) for c in chunks))
+            sum(shapes.blocks_for(c.end) for c in chunks))
 
 
 def mixed_need(seqs: list[Sequence], chunks: list[Chunk], shapes: DecoderShapes) -> tuple[int, int]:
@@ -172,7 +172,7 @@ def decodes_as_chunks(seqs: list[Sequence], shapes: DecoderShapes,
     blocks = 0
     for seq in seqs:
         chunk = Chunk(seq, seq.num_tokens - 1, seq.num_tokens)
-        need = -(-chunk.end // shapes.block_size)
+        need = shapes.blocks_for(chunk.end)
         if need > graph[1]:
             raise ValueError(f"a sequence of {seq.num_tokens} tokens needs {need} context blocks; "
                              f"the prefill graph {graph} holds {graph[1]}")
@@ -200,7 +200,7 @@ def build_decode(seqs: list[Sequence], shapes: DecoderShapes, *, graph: tuple[in
         inputs.positions[i] = position
         inputs.write_blocks[i] = s.block_table[position // bs]
         inputs.write_offsets[i] = position % bs
-        used = -(-context[i] // bs)
+        used = shapes.blocks_for(context[i])
         inputs.block_tables[i, :used] = s.block_table[:used]
         inputs.context_lens[i] = context[i]
         _set_sampling(inputs.sampling, i, s, vocab_size)
@@ -213,7 +213,7 @@ def build_prefill(chunks: list[Chunk], shapes: DecoderShapes, *, graph: tuple[in
     if not 0 < len(chunks) <= shapes.max_prefill_seqs:
         raise ValueError(f"a prefill step holds 1..{shapes.max_prefill_seqs} chunks, got {len(chunks)}")
     bs = shapes.block_size
-    used_blocks = [-(-c.end // bs) for c in chunks]
+    used_blocks = [shapes.blocks_for(c.end) for c in chunks]
     tokens, blocks = graph
     x = PrefillInputs.padding(tokens, blocks, shapes, hidden_size, vocab_size)
     offset = block_offset = 0

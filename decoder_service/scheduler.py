@@ -88,10 +88,46 @@ class Scheduler:
         this host computes a batch or is about to (the module docstring)."""
         decodes = self._schedule_decodes()
         beside_encoder = encoder_busy and 2 * len(decodes) >= self.shapes.max_num_seqs
-        budget = self.shapes.max_chunk_tokens - len(decodes)
+        budget = self._chunk_budget(len(decodes), halved=contended or beside_encoder)
+        chunks = self._continue_prompts(budget)
+        chunks += self._admit_waiting(chunks, budget - sum(c.num_tokens for c in chunks))
+        if not decodes and not chunks:
+            return None
+        return ScheduledStep(decodes, chunks, beside_encoder)
+
+    def finish(self, seq: Sequence) -> None:
+        """Releases a finished or aborted sequence's blocks, wherever it is."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def advance(self, seq: Sequence, num_computed: int) -> None:
+        """After a step: `seq`'s tokens up to `num_computed` are in the pool. Its newly full
+        blocks join the prefix cache."""
+        bs = self.shapes.block_size
+        first, last = seq.num_computed // bs, num_computed // bs
+        seq.num_computed = num_computed
+        if last > first and self.blocks.enable_prefix_caching:
+            hashes = extend_block_hashes(seq, bs, last)
+            self.blocks.register(seq.block_table[first:last], hashes[first:last])
+            self._stop_computing(seq, hashes[first:last])
+
+    # --- policy pieces -----------------------------------------------------------------
+    def _chunk_budget(self, decodes: int, halved: bool) -> int:
+        """Prefill tokens the step may carry beside `decodes` decode tokens: the rest of the
+        budget, capped while anything decodes (the cap halved while `halved`)."""
+        budget = self.shapes.max_chunk_tokens - decodes
         if decodes:
             cap = self.chunk_tokens_while_decoding
-            budget = min(budget, max(1, cap // 2) if contended or beside_encoder else cap)
+            budget = min(budget, max(1, cap // 2) if halved else cap)
+        return budget
+
+    def _continue_prompts(self, budget: int) -> list[Chunk]:
+        """Next chunks of the prompts already running, in admission order, within `budget`
+        tokens, `max_prefill_seqs` chunks and one sequence's worth of context blocks."""
         chunks: list[Chunk] = []
         context_blocks = 0
         for seq in self.running:
@@ -103,8 +139,16 @@ class Scheduler:
             chunks.append(chunk)
             context_blocks += self._context_blocks(chunk)
             budget -= chunk.num_tokens
+        return chunks
+
+    def _admit_waiting(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        """First chunks of waiting requests admitted beside `chunks`, first come first served,
+        within what `chunks` left of the budget, the chunk count and the context blocks."""
+        admitted: list[Chunk] = []
+        context_blocks = sum(self._context_blocks(c) for c in chunks)
         passed_over: list[Sequence] = []
-        while (self.waiting and budget > 0 and len(chunks) < self.shapes.max_prefill_seqs
+        while (self.waiting and budget > 0
+               and len(chunks) + len(admitted) < self.shapes.max_prefill_seqs
                and len(self.running) < self.shapes.max_num_seqs):
             seq = self.waiting[0]
             hashes = self._reusable_hashes(seq)
@@ -120,24 +164,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            chunks.append(chunk)
+            admitted.append(chunk)
             context_blocks += self._context_blocks(chunk)
             budget -= chunk.num_tokens
         self.waiting.extendleft(reversed(passed_over))  # they keep their places
-        if not decodes and not chunks:
-            return None
-        return ScheduledStep(decodes, chunks, beside_encoder)
+        return admitted
 
-    def finish(self, seq: Sequence) -> None:
-        """Releases a finished or aborted sequence's blocks, wherever it is."""
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
-        self._release(seq)
-        seq.status = SeqStatus.FINISHED
-
-    # --- policy pieces -----------------------------------------------------------------
     def _schedule_decodes(self) -> list[Sequence]:
         decodes: list[Sequence] = []
         for seq in list(self.running):
@@ -172,8 +204,8 @@ class Scheduler:
         bs = self.shapes.block_size
         start = len(cached) * bs
         end = min(seq.num_tokens, start + budget)
-        new_blocks = -(-seq.num_tokens // bs) - len(cached)
-        if (-(-end // bs) > context_room
+        new_blocks = self.shapes.blocks_for(seq.num_tokens) - len(cached)
+        if (self.shapes.blocks_for(end) > context_room
                 or self.blocks.blocks_to_admit(cached, new_blocks) > self.blocks.num_free):
             return None
         self.blocks.acquire(cached)
@@ -186,22 +218,11 @@ class Scheduler:
                 self._computing.setdefault(h, seq)
         return Chunk(seq, start, end)
 
-    def advance(self, seq: Sequence, num_computed: int) -> None:
-        """After a step: `seq`'s tokens up to `num_computed` are in the pool. Its newly full
-        blocks join the prefix cache."""
-        bs = self.shapes.block_size
-        first, last = seq.num_computed // bs, num_computed // bs
-        seq.num_computed = num_computed
-        if last > first and self.blocks.enable_prefix_caching:
-            hashes = extend_block_hashes(seq, bs, last)
-            self.blocks.register(seq.block_table[first:last], hashes[first:last])
-            self._stop_computing(seq, hashes[first:last])
-
     def _chunk(self, seq: Sequence, budget: int) -> Chunk:
         return Chunk(seq, seq.num_computed, min(seq.num_tokens, seq.num_computed + budget))
 
     def _context_blocks(self, chunk: Chunk) -> int:
-        return -(-chunk.end // self.shapes.block_size)
+        return self.shapes.blocks_for(chunk.end)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
