@@ -213,9 +213,8 @@ class Scheduler:
             self.blocks.count_lookup(seq.num_tokens, len(cached))
         seq.block_table = cached + self.blocks.allocate(new_blocks)
         seq.num_computed = start
-        if self.blocks.enable_prefix_caching:
-            for h in hashes[len(cached):]:
-                self._computing.setdefault(h, seq)
+        for h in hashes[len(cached):]:  # none without prefix caching (`_reusable_hashes`)
+            self._computing.setdefault(h, seq)
         return Chunk(seq, start, end)
 
     def _chunk(self, seq: Sequence, budget: int) -> Chunk:
