@@ -31,16 +31,39 @@ from decoder_service.kv_cache import PagedKVCache
 from decoder_service.text_config import check_text_config, projection_biases
 
 
+# XLA:CPU's dot kernel reads the weight in place and streams all of it once per eight rows
+# of activations; blocks of this many output columns (four of its 48-column panels) fit the
+# L2 cache, so the later passes hit it. Cut this way, the down projection (its weight is
+# the widest input) made a 12-layer MLP chain 10-22 % faster at 16-144 rows, for three
+# more dots a layer (docs/benchmarks.md, Issue 13, fifteenth and sixteenth sessions). Each
+# dot is a kernel, and each kernel costs the process three memory maps (docs/decoder.md):
+# wider models, whose blocks would neither fit the cache nor be few, stay whole.
+CPU_DOT_COLUMNS = 192
+CPU_DOT_MAX_BLOCKS = 4
+
+
 class Linear(nn.Module):
     """y = x @ weight (+ bias), with `weight` stored [in, out]: transposed from torch's
     [out, in]. Checkpoint weights are transposed on load. XLA:CPU emits a much faster dot
     for this layout at small batch (measured here, a 768 x 30528 head at batch 2: 122 ms as
-    `F.linear`, 19 ms as `x @ w`); on TPU the layout is XLA's choice either way."""
+    `F.linear`, 19 ms as `x @ w`); on TPU the layout is XLA's choice either way.
+
+    `cut_columns` may store the weight as column blocks instead, one dot each, the outputs
+    concatenated: every output is the same sum over the same inputs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.blocks: nn.ParameterList | None = None  # the weight's column blocks, once cut
+
+    def cut_columns(self, width: int) -> None:
+        """Stores the weight as blocks of at most `width` output columns; after loading."""
+        if self.blocks is not None or self.weight.shape[1] <= width:
+            return
+        self.blocks = nn.ParameterList(nn.Parameter(block.contiguous(), requires_grad=False)
+                                       for block in self.weight.data.split(width, dim=1))
+        del self.weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"  # state dicts keep torch's [out, in] convention
@@ -50,10 +73,14 @@ class Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = destination[prefix + "weight"].t()
+        if self.blocks is None:  # once cut, the state holds the blocks (`blocks.0`, ...)
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight
+        if self.blocks is None:
+            y = x @ self.weight
+        else:
+            y = torch.cat([x @ block for block in self.blocks], dim=-1)
         return y if self.bias is None else y + self.bias
 
 
@@ -199,6 +226,16 @@ class LlamaTextModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_dim = self.layers[0].self_attn.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
+
+    def cut_down_projections(self, width: int = CPU_DOT_COLUMNS,
+                             max_blocks: int = CPU_DOT_MAX_BLOCKS) -> None:
+        """Every MLP's down projection as column blocks (`Linear.cut_columns`), unless that
+        takes more than `max_blocks`: where the dots run on XLA's CPU backend, whose kernel
+        streams each weight once per eight rows."""
+        if -(-self.embed_tokens.embedding_dim // width) > max_blocks:
+            return
+        for layer in self.layers:
+            layer.mlp.down_proj.cut_columns(width)
 
     def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
         """Returns logits [P, vocab] of the tokens at `c.last_index` [P]."""

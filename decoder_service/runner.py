@@ -124,8 +124,10 @@ class ModelRunner:
         self.hidden_size = int(text.hidden_size)
         self.guard = CompileGuard(device, strict=config.strict_compile, name="decoder")
         with self.guard.compiling():  # device set-up syncs: never beside another thread's step
-            self.model = load_text_model(checkpoint, self.dtype,
-                                         self.shapes.max_model_len).to(device.torch_device)
+            self.model = load_text_model(checkpoint, self.dtype, self.shapes.max_model_len)
+            if device.is_xla and device.computes_on_host:
+                self.model.cut_down_projections()
+            self.model.to(device.torch_device)
             cos, sin = rotary_table(text, self.model.head_dim, self.shapes.max_model_len)
             # In the model's dtype, as transformers' Llama casts them: q and k stay in it.
             self.cos = cos.to(self.dtype).to(device.torch_device)

@@ -95,9 +95,6 @@ def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
     transformers' `*ForCausalLM` with the same weights."""
     from transformers import AutoModelForCausalLM
 
-    from decoder_service.kv_cache import PagedKVCache
-    from decoder_service.llama import ChunkRows
-
     torch.manual_seed(0)
     config = _small(config_class, max_position_embeddings=MAX_POSITIONS, **extra)
     reference = AutoModelForCausalLM.from_config(config).eval()
@@ -108,10 +105,23 @@ def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
     model = LlamaTextModel(config, max_len=MAX_POSITIONS)
     state = {k.removeprefix("model."): v for k, v in reference.state_dict().items()}
     model.load_state_dict(state, strict=True)
-    tokens, bs = torch.randint(0, config.vocab_size, (37,)), 16
-    t, blocks = len(tokens), -(-len(tokens) // 16)
-    cache = PagedKVCache(num_layers=1, num_blocks=blocks + 1, block_size=bs, num_kv_heads=2,
-                         head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    tokens = torch.randint(0, config.vocab_size, (37,))
+    ours = _last_token_logits(model, config, tokens)
+    with torch.no_grad():
+        expected = reference(tokens[None]).logits[0, -1]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def _last_token_logits(model: LlamaTextModel, config, tokens: torch.Tensor) -> torch.Tensor:
+    """One prompt prefilled in one chunk on a fresh paged cache, eager on the CPU."""
+    from decoder_service.kv_cache import PagedKVCache
+    from decoder_service.llama import ChunkRows
+
+    t, bs = len(tokens), 16
+    blocks = -(-t // bs)
+    cache = PagedKVCache(num_layers=config.num_hidden_layers, num_blocks=blocks + 1, block_size=bs,
+                         num_kv_heads=config.num_key_value_heads, head_dim=model.head_dim,
+                         dtype=torch.float32, device=torch.device("cpu"))
     positions = torch.arange(t)
     rows = ChunkRows(model.embed_tokens(tokens), positions, 1 + positions // bs, positions % bs,
                      torch.zeros(t, dtype=torch.long), torch.arange(1, blocks + 1),
@@ -119,6 +129,29 @@ def test_next_token_logits_equal_transformers_causal_lm(config_class, extra):
                      torch.tensor([t - 1]))
     cos, sin = rotary_table(config, model.head_dim, MAX_POSITIONS)
     with torch.no_grad():
-        ours = model.prefill(rows, cos, sin, cache)[0]
-        expected = reference(tokens[None]).logits[0, -1]
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+        return model.prefill(rows, cos, sin, cache)[0]
+
+
+def test_down_projections_cut_into_column_blocks_compute_the_same_logits():
+    """The XLA:CPU layout (`cut_down_projections`): each down projection's weight as column
+    blocks, one dot each, the last block narrower. Same logits, and the blocks replace the
+    weight rather than sitting beside it."""
+    torch.manual_seed(0)
+    config = _small(LlamaConfig, max_position_embeddings=MAX_POSITIONS)
+    model = LlamaTextModel(config, max_len=MAX_POSITIONS)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    tokens = torch.randint(0, config.vocab_size, (37,))
+    whole = _last_token_logits(model, config, tokens)
+    before = sum(p.numel() for p in model.parameters())
+    model.cut_down_projections(width=24, max_blocks=2)  # three would be needed: left whole
+    assert model.layers[0].mlp.down_proj.blocks is None
+
+    model.cut_down_projections(width=24, max_blocks=3)
+
+    down = model.layers[0].mlp.down_proj
+    assert [b.shape[1] for b in down.blocks] == [24, 24, 16] and not hasattr(down, "weight")
+    assert sum(p.numel() for p in model.parameters()) == before
+    cut = _last_token_logits(model, config, tokens)
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
+    assert cut.argmax() == whole.argmax()
