@@ -57,9 +57,10 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.blocks: nn.ParameterList | None = None  # the weight's column blocks, once cut
 
-    def cut_columns(self, width: int) -> None:
-        """Stores the weight as blocks of at most `width` output columns; after loading."""
-        if self.blocks is not None or self.weight.shape[1] <= width:
+    def cut_columns(self, width: int, max_blocks: int) -> None:
+        """Stores the weight as blocks of at most `width` output columns, after loading; left
+        whole where one block holds it all, or where it would take more than `max_blocks`."""
+        if self.blocks is not None or not 1 < -(-self.weight.shape[1] // width) <= max_blocks:
             return
         self.blocks = nn.ParameterList(nn.Parameter(block.contiguous(), requires_grad=False)
                                        for block in self.weight.data.split(width, dim=1))
@@ -229,13 +230,10 @@ class LlamaTextModel(nn.Module):
 
     def cut_down_projections(self, width: int = CPU_DOT_COLUMNS,
                              max_blocks: int = CPU_DOT_MAX_BLOCKS) -> None:
-        """Every MLP's down projection as column blocks (`Linear.cut_columns`), unless that
-        takes more than `max_blocks`: where the dots run on XLA's CPU backend, whose kernel
-        streams each weight once per eight rows."""
-        if -(-self.embed_tokens.embedding_dim // width) > max_blocks:
-            return
+        """Every MLP's down projection as column blocks (`Linear.cut_columns`): where the dots
+        run on XLA's CPU backend, whose kernel streams each weight once per eight rows."""
         for layer in self.layers:
-            layer.mlp.down_proj.cut_columns(width)
+            layer.mlp.down_proj.cut_columns(width, max_blocks)
 
     def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
         """Returns logits [P, vocab] of the tokens at `c.last_index` [P]."""
