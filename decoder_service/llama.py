@@ -40,6 +40,13 @@ from decoder_service.text_config import check_text_config, projection_biases
 # wider models, whose blocks would neither fit the cache nor be few, stay whole.
 CPU_DOT_COLUMNS = 192
 CPU_DOT_MAX_BLOCKS = 4
+# The LM head has too many columns for a dot a block. Stacked as [blocks, in, columns] it is
+# one batched dot, whose batch loop runs a block's columns for every row before the next
+# block: the weight streams from memory once instead of once per eight rows, where a block
+# fits the L2 cache. A 768 x 30,528 head so made a batch-16 decode step ~5 % faster, 8 and
+# fewer rows the same (docs/benchmarks.md, Issue 13, seventeenth session).
+CPU_HEAD_COLUMNS = 512
+CPU_L2_BYTES = 2 << 20
 
 
 class Linear(nn.Module):
@@ -56,6 +63,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.blocks: nn.ParameterList | None = None  # the weight's column blocks, once cut
+        self.stacked: nn.Parameter | None = None  # [blocks, in, width], once stacked
 
     def cut_columns(self, width: int, max_blocks: int) -> None:
         """Stores the weight as blocks of at most `width` output columns, after loading; left
@@ -66,6 +74,19 @@ class Linear(nn.Module):
                                        for block in self.weight.data.split(width, dim=1))
         del self.weight
 
+    def stack_columns(self, width: int) -> None:
+        """Stores the weight as `[blocks, in, width]` column blocks (the last one zero-padded),
+        one batched dot for all of them, after loading; left whole where one block holds it."""
+        if self.blocks is not None or self.stacked is not None or self.weight.shape[1] <= width:
+            return
+        fan_in, out = self.weight.shape
+        blocks = -(-out // width)
+        padded = F.pad(self.weight.data, (0, blocks * width - out))
+        self.stacked = nn.Parameter(padded.view(fan_in, blocks, width).transpose(0, 1).contiguous(),
+                                    requires_grad=False)
+        self.out_features = out
+        del self.weight
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"  # state dicts keep torch's [out, in] convention
         if key in state_dict:
@@ -74,11 +95,15 @@ class Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.blocks is None:  # once cut, the state holds the blocks (`blocks.0`, ...)
+        if self.blocks is None and self.stacked is None:  # once cut or stacked, it holds those
             destination[prefix + "weight"] = destination[prefix + "weight"].t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is None:
+        if self.stacked is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            y = torch.bmm(rows[None].expand(self.stacked.shape[0], -1, -1), self.stacked)
+            y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)[..., :self.out_features]
+        elif self.blocks is None:
             y = x @ self.weight
         else:
             y = torch.cat([x @ block for block in self.blocks], dim=-1)
@@ -234,6 +259,15 @@ class LlamaTextModel(nn.Module):
         run on XLA's CPU backend, whose kernel streams each weight once per eight rows."""
         for layer in self.layers:
             layer.mlp.down_proj.cut_columns(width, max_blocks)
+
+    def stack_head(self, width: int = CPU_HEAD_COLUMNS, cache_bytes: int = CPU_L2_BYTES) -> None:
+        """The head as stacked column blocks (`Linear.stack_columns`), on XLA's CPU backend,
+        where it is float32 and a block fits `cache_bytes`; else left whole. (In bfloat16,
+        XLA:CPU's batched dot rounds unlike its plain one: greedy tokens would drift from
+        transformers'.)"""
+        weight = self.lm_head.weight
+        if weight.dtype == torch.float32 and weight.shape[0] * width * 4 <= cache_bytes:
+            self.lm_head.stack_columns(width)
 
     def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
         """Returns logits [P, vocab] of the tokens at `c.last_index` [P]."""

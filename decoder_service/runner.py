@@ -127,6 +127,7 @@ class ModelRunner:
             self.model = load_text_model(checkpoint, self.dtype, self.shapes.max_model_len)
             if device.is_xla and device.computes_on_host:
                 self.model.cut_down_projections()
+                self.model.stack_head()
             self.model.to(device.torch_device)
             cos, sin = rotary_table(text, self.model.head_dim, self.shapes.max_model_len)
             # In the model's dtype, as transformers' Llama casts them: q and k stay in it.

@@ -132,6 +132,37 @@ def _last_token_logits(model: LlamaTextModel, config, tokens: torch.Tensor) -> t
         return model.prefill(rows, cos, sin, cache)[0]
 
 
+def test_head_stacked_in_column_blocks_computes_the_same_logits():
+    """The XLA:CPU layout of the head (`stack_head`): its weight as `[blocks, in, width]`, the
+    last block zero-padded, one batched dot. Same logits, over any leading dims; a head whose
+    block would not fit the cache budget, or in bfloat16, stays whole."""
+    torch.manual_seed(0)
+    config = _small(LlamaConfig, max_position_embeddings=MAX_POSITIONS)
+    model = LlamaTextModel(config, max_len=MAX_POSITIONS)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    tokens = torch.randint(0, config.vocab_size, (37,))
+    whole = _last_token_logits(model, config, tokens)
+    hidden = torch.randn(2, 3, config.hidden_size)
+    whole_rows = model.lm_head(hidden)
+    block_bytes = config.hidden_size * 32 * 4
+    model.stack_head(width=32, cache_bytes=block_bytes - 1)  # a block would not fit: left whole
+    assert model.lm_head.stacked is None
+    in_bfloat16 = LlamaTextModel(config, max_len=MAX_POSITIONS).to(torch.bfloat16)
+    in_bfloat16.stack_head(width=32, cache_bytes=block_bytes)  # float32 only: left whole
+    assert in_bfloat16.lm_head.stacked is None
+
+    model.stack_head(width=32, cache_bytes=block_bytes)
+
+    head = model.lm_head
+    assert head.stacked.shape == (4, config.hidden_size, 32) and not hasattr(head, "weight")
+    assert torch.count_nonzero(head.stacked[-1, :, 100 - 96:]) == 0  # the padding columns
+    stacked = _last_token_logits(model, config, tokens)
+    assert stacked.shape == whole.shape == (config.vocab_size,)
+    torch.testing.assert_close(stacked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(hidden), whole_rows, rtol=1e-5, atol=1e-5)
+
+
 def test_down_projections_cut_into_column_blocks_compute_the_same_logits():
     """The XLA:CPU layout (`cut_down_projections`): each down projection's weight as column
     blocks, one dot each, the last block narrower. Same logits, and the blocks replace the
