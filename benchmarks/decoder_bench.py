@@ -13,6 +13,9 @@ tokens): its two graphs (decode, then prefill) against one mixed graph, alternat
 checks both sample the same tokens. Where the chunk's mixed bucket is a 1.5x midpoint (41
 tokens in 48, 82 in 96), the same step padded to the power-of-two bucket is timed too.
 
+`--profile DIR` also traces the last batch's decode step with XLA's profiler and prints its
+device time by op kind: the layers' dots and fusions, the head, the sampler (step_profile.py).
+
 `--grammar` instead measures what structured outputs cost: decode tokens/s at batch 16
 over `--grammar-steps` steps, with every row under a JSON schema (host: xgrammar fills
 each row's bitmask, then accepts the sampled token) against the same loop with none
@@ -35,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 from benchmarks.common import copy_bandwidth_gbps, int_list, machine, machine_line  # noqa: E402
+from benchmarks.step_profile import breakdown, trace_steps  # noqa: E402
+from benchmarks.step_profile import report as profile_report  # noqa: E402
 from decoder_service.config import DecoderConfig  # noqa: E402
 from decoder_service.inputs import (  # noqa: E402
     build_decode,
@@ -91,6 +96,9 @@ def main() -> None:
     parser.add_argument("--grammar", action="store_true", help="the JSON-schema bitmask's cost")
     parser.add_argument("--mixed", action="store_true", help="two graphs vs one for a mixed step")
     parser.add_argument("--grammar-steps", type=int, default=24)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="trace the last batch's decode steps with XLA's profiler into DIR "
+                             "and print where a step's time goes, op by op (step_profile.py)")
     args = parser.parse_args()
 
     checkpoint = open_checkpoint(str(cached_demo_checkpoint(args.size)))
@@ -134,6 +142,8 @@ def main() -> None:
             "step_ms": wall * 1e3, "execute_ms": execute * 1e3,
             "host_overhead_ms": (wall - execute + build_s) * 1e3 if device.is_xla else None,
             "tokens_per_s": batch / wall})
+        if args.profile and batch == args.batches[-1] and device.is_xla:
+            results["profile"] = breakdown(trace_steps(lambda: runner.decode(inputs), 10, args.profile))
 
     per_image = 196
     for tokens, images in ((128, 0), (256, 1)):
@@ -157,6 +167,8 @@ def main() -> None:
     results["copy_bandwidth_gbps"] = bandwidth
     results["decode_floor_ms"] = weight_bytes / (bandwidth * 1e9) * 1e3
     print(report(results))
+    if "profile" in results:
+        print("\n" + profile_report(results["profile"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
