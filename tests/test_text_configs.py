@@ -132,16 +132,21 @@ def _last_token_logits(model: LlamaTextModel, config, tokens: torch.Tensor) -> t
         return model.prefill(rows, cos, sin, cache)[0]
 
 
-def test_head_stacked_in_column_blocks_computes_the_same_logits():
-    """The XLA:CPU layout of the head (`stack_head`): its weight as `[blocks, in, width]`, the
-    last block zero-padded, one batched dot. Same logits, over any leading dims; a head whose
-    block would not fit the cache budget, or in bfloat16, stays whole."""
+def _random_small_model():
+    """A one-layer Llama with weights drawn at a scale that spreads its logits, and a prompt."""
     torch.manual_seed(0)
     config = _small(LlamaConfig, max_position_embeddings=MAX_POSITIONS)
     model = LlamaTextModel(config, max_len=MAX_POSITIONS)
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.1)
-    tokens = torch.randint(0, config.vocab_size, (37,))
+    return config, model, torch.randint(0, config.vocab_size, (37,))
+
+
+def test_head_stacked_in_column_blocks_computes_the_same_logits():
+    """The XLA:CPU layout of the head (`stack_head`): its weight as `[blocks, in, width]`, the
+    last block zero-padded, one batched dot. Same logits, over any leading dims; a head whose
+    block would not fit the cache budget, or in bfloat16, stays whole."""
+    config, model, tokens = _random_small_model()
     whole = _last_token_logits(model, config, tokens)
     hidden = torch.randn(2, 3, config.hidden_size)
     whole_rows = model.lm_head(hidden)
@@ -167,12 +172,7 @@ def test_down_projections_cut_into_column_blocks_compute_the_same_logits():
     """The XLA:CPU layout (`cut_down_projections`): each down projection's weight as column
     blocks, one dot each, the last block narrower. Same logits, and the blocks replace the
     weight rather than sitting beside it."""
-    torch.manual_seed(0)
-    config = _small(LlamaConfig, max_position_embeddings=MAX_POSITIONS)
-    model = LlamaTextModel(config, max_len=MAX_POSITIONS)
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.1)
-    tokens = torch.randint(0, config.vocab_size, (37,))
+    config, model, tokens = _random_small_model()
     whole = _last_token_logits(model, config, tokens)
     before = sum(p.numel() for p in model.parameters())
     model.cut_down_projections(width=24, max_blocks=2)  # three would be needed: left whole
