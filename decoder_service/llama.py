@@ -56,10 +56,12 @@ class Linear(nn.Module):
     `F.linear`, 19 ms as `x @ w`); on TPU the layout is XLA's choice either way.
 
     `cut_columns` may store the weight as column blocks instead, one dot each, the outputs
-    concatenated: every output is the same sum over the same inputs."""
+    concatenated; `stack_columns` as `[blocks, in, width]`, one batched dot. Either way every
+    output is the same sum over the same inputs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.blocks: nn.ParameterList | None = None  # the weight's column blocks, once cut
@@ -74,17 +76,22 @@ class Linear(nn.Module):
                                        for block in self.weight.data.split(width, dim=1))
         del self.weight
 
-    def stack_columns(self, width: int) -> None:
+    def stack_columns(self, width: int, cache_bytes: int) -> None:
         """Stores the weight as `[blocks, in, width]` column blocks (the last one zero-padded),
-        one batched dot for all of them, after loading; left whole where one block holds it."""
-        if self.blocks is not None or self.stacked is not None or self.weight.shape[1] <= width:
+        one batched dot for all of them, after loading. Left whole where one block holds it,
+        where a block would not fit `cache_bytes`, or where it is not float32 (in bfloat16,
+        XLA:CPU's batched dot rounds unlike its plain one: greedy tokens would drift from
+        transformers')."""
+        if self.blocks is not None or self.stacked is not None:
             return
         fan_in, out = self.weight.shape
+        if (self.weight.dtype != torch.float32 or out <= width
+                or fan_in * width * self.weight.element_size() > cache_bytes):
+            return
         blocks = -(-out // width)
         padded = F.pad(self.weight.data, (0, blocks * width - out))
         self.stacked = nn.Parameter(padded.view(fan_in, blocks, width).transpose(0, 1).contiguous(),
                                     requires_grad=False)
-        self.out_features = out
         del self.weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -261,13 +268,9 @@ class LlamaTextModel(nn.Module):
             layer.mlp.down_proj.cut_columns(width, max_blocks)
 
     def stack_head(self, width: int = CPU_HEAD_COLUMNS, cache_bytes: int = CPU_L2_BYTES) -> None:
-        """The head as stacked column blocks (`Linear.stack_columns`), on XLA's CPU backend,
-        where it is float32 and a block fits `cache_bytes`; else left whole. (In bfloat16,
-        XLA:CPU's batched dot rounds unlike its plain one: greedy tokens would drift from
-        transformers'.)"""
-        weight = self.lm_head.weight
-        if weight.dtype == torch.float32 and weight.shape[0] * width * 4 <= cache_bytes:
-            self.lm_head.stack_columns(width)
+        """The head as stacked column blocks (`Linear.stack_columns`): where the dots run on
+        XLA's CPU backend."""
+        self.lm_head.stack_columns(width, cache_bytes)
 
     def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:
         """Returns logits [P, vocab] of the tokens at `c.last_index` [P]."""
