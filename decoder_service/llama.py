@@ -43,10 +43,11 @@ CPU_DOT_MAX_BLOCKS = 4
 # The LM head has too many columns for a dot a block. Stacked as [blocks, in, columns] it is
 # one batched dot, whose batch loop runs a block's columns for every row before the next
 # block: the weight streams from memory once instead of once per eight rows, where a block
-# fits the L2 cache. A 768 x 30,528 head so made a batch-16 decode step ~5 % faster, 8 and
-# fewer rows the same (docs/benchmarks.md, Issue 13, seventeenth session).
+# fits the core's L2 cache (the runner reads its size from the host). A 768 x 30,528 head so
+# made a batch-16 decode step ~5 % faster on a 2 MiB L2, 8 and fewer rows the same; on a
+# 1 MiB L2, where a block does not fit, stacked and whole ran alike (docs/benchmarks.md,
+# Issue 13, seventeenth and eighteenth sessions).
 CPU_HEAD_COLUMNS = 512
-CPU_L2_BYTES = 2 << 20
 
 
 class Linear(nn.Module):
@@ -267,9 +268,9 @@ class LlamaTextModel(nn.Module):
         for layer in self.layers:
             layer.mlp.down_proj.cut_columns(width, max_blocks)
 
-    def stack_head(self, width: int = CPU_HEAD_COLUMNS, cache_bytes: int = CPU_L2_BYTES) -> None:
-        """The head as stacked column blocks (`Linear.stack_columns`): where the dots run on
-        XLA's CPU backend."""
+    def stack_head(self, cache_bytes: int, width: int = CPU_HEAD_COLUMNS) -> None:
+        """The head as stacked column blocks (`Linear.stack_columns`) where a block fits
+        `cache_bytes` (the host core's L2 cache): where the dots run on XLA's CPU backend."""
         self.lm_head.stack_columns(width, cache_bytes)
 
     def prefill(self, c: ChunkRows, cos_table, sin_table, cache: PagedKVCache) -> torch.Tensor:

@@ -46,6 +46,7 @@ from runtime.compile_guard import CompileGuard
 from runtime.device import Device
 from runtime.graph_replay import ReplayedGraph
 from runtime.graphs import GraphPlan, WarmupProgress, warmup_reporter
+from runtime.host_cpu import l2_cache_bytes
 from runtime.memory_maps import MapBudget
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class ModelRunner:
             self.model = load_text_model(checkpoint, self.dtype, self.shapes.max_model_len)
             if device.is_xla and device.computes_on_host:
                 self.model.cut_down_projections()
-                self.model.stack_head()
+                self.model.stack_head(cache_bytes=l2_cache_bytes() or 0)
             self.model.to(device.torch_device)
             cos, sin = rotary_table(text, self.model.head_dim, self.shapes.max_model_len)
             # In the model's dtype, as transformers' Llama casts them: q and k stay in it.

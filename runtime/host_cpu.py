@@ -1,4 +1,4 @@
-"""How busy the host's CPUs are: background compilation yields to the replicas beside it, and a
+"""How busy the host's CPUs are, and how large their L2 cache: background compilation yields to the replicas beside it, and a
 decoder computing on the CPUs sees when another process competes for every core.
 
 A replica that is ready compiles its remaining graphs when it is idle. On a host shared with
@@ -13,6 +13,9 @@ that computes on every core shares each of them. A decoder on XLA's CPU backend 
 before each step (decoder_service/graph_times.py); a count of this instant, not an average, is
 what tells it that the encoder has just started a batch. Where the file does not exist it
 says no.
+
+`l2_cache_bytes()` reads a core's L2 size from sysfs: the decoder lays out its LM head in
+blocks that fit it where XLA computes on the host (decoder_service/llama.py).
 
 >>> cpu = HostCpu(read=iter([(0, 0), (150, 200), (160, 400)]).__next__)
 >>> cpu.has_spare(), cpu.has_spare()
@@ -71,3 +74,36 @@ class HostCpu:
         """At least `cpus` threads other than the caller are runnable right now."""
         running = self._read_running()
         return running is not None and running - 1 >= self.cpus
+
+
+def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of the first CPU's level-2 data (or unified) cache, from sysfs; None where
+    sysfs does not say. Sizes there read like "1024K" or "2048K".
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name, level, kind, size in (("index0", 1, "Data", "32K"), ("index2", 2, "Unified", "1024K")):
+    ...     (root / name).mkdir()
+    ...     for field, value in (("level", level), ("type", kind), ("size", size)):
+    ...         _ = (root / name / field).write_text(f"{value}\\n")
+    >>> l2_cache_bytes(str(root)), l2_cache_bytes(str(root / "none"))
+    (1048576, None)
+    """
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        names = sorted(os.listdir(cache_dir))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            def field(f: str) -> str:
+                with open(os.path.join(cache_dir, name, f)) as file:
+                    return file.read().strip()
+
+            if field("level") != "2" or field("type") not in ("Data", "Unified"):
+                continue
+            size = field("size")
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError):
+            continue
+    return None
