@@ -1,5 +1,6 @@
-"""How busy the host's CPUs are, and how large their L2 cache: background compilation yields to the replicas beside it, and a
-decoder computing on the CPUs sees when another process competes for every core.
+"""How busy the host's CPUs are, and how large their L2 cache: background compilation yields
+to the replicas beside it, and a decoder computing on the CPUs sees when another process
+competes for every core.
 
 A replica that is ready compiles its remaining graphs when it is idle. On a host shared with
 other replicas that are still warming up (compiling is CPU work, on a TPU host too), that
