@@ -83,7 +83,8 @@ def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int
 
     >>> import tempfile, pathlib
     >>> root = pathlib.Path(tempfile.mkdtemp())
-    >>> for name, level, kind, size in (("index0", 1, "Data", "32K"), ("index2", 2, "Unified", "1024K")):
+    >>> caches = (("index0", 1, "Data", "32K"), ("index2", 2, "Unified", "1024K"))
+    >>> for name, level, kind, size in caches:
     ...     (root / name).mkdir()
     ...     for field, value in (("level", level), ("type", kind), ("size", size)):
     ...         _ = (root / name / field).write_text(f"{value}\\n")
