@@ -91,21 +91,25 @@ def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int
     >>> l2_cache_bytes(str(root)), l2_cache_bytes(str(root / "none"))
     (1048576, None)
     """
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     try:
         names = sorted(os.listdir(cache_dir))
     except OSError:
         return None
     for name in names:
         try:
-            def field(f: str) -> str:
-                with open(os.path.join(cache_dir, name, f)) as file:
-                    return file.read().strip()
-
-            if field("level") != "2" or field("type") not in ("Data", "Unified"):
-                continue
-            size = field("size")
-            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except (OSError, ValueError):
+            level, kind, size = (_read_text(os.path.join(cache_dir, name, field))
+                                 for field in ("level", "type", "size"))
+            if level == "2" and kind in ("Data", "Unified"):
+                unit = _SIZE_UNITS.get(size[-1])
+                return int(size[:-1]) * unit if unit else int(size)
+        except (OSError, ValueError, IndexError):  # not a cache's folder, or an empty size
             continue
     return None
+
+
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _read_text(path: str) -> str:
+    with open(path) as file:
+        return file.read().strip()
